@@ -1,0 +1,40 @@
+# energyat: `make repro` runs the default pipeline, `make test` the test suite. Both install what is missing first
+# (a .venv with the pinned packages of pyproject.toml, Debian's Fashion-MNIST files) and nothing more on a second run.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: repro test bench install data-source clean-venv
+
+repro: install data-source
+	dvc repro
+
+test: install data-source
+	pytest -q
+
+bench: install data-source
+	python -m energyat bench
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || \
+		{ echo "energyat needs Python 3.11 (torch 2.14.1 wheels); set PYTHON=python3.11" >&2; exit 1; }
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --disable-pip-version-check -q -e '.[test]'
+	touch $@
+
+# Offline Fashion-MNIST from Debian where apt works; elsewhere the prepare stage downloads it.
+data-source:
+	@if [ -f $(FMNIST) ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		(apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+		 (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null)) && \
+		echo "installed Debian package dataset-fashion-mnist" || \
+		echo "could not install dataset-fashion-mnist: the prepare stage will download Fashion-MNIST"; \
+	else echo "apt not usable: Fashion-MNIST will be downloaded by the prepare stage"; fi
+
+clean-venv:
+	rm -rf $(VENV)

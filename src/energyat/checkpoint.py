@@ -1,0 +1,59 @@
+"""Model checkpoints: a plain state dict (`<name>.pt`) plus a JSON sidecar (`<name>.json`).
+
+The sidecar records what is needed to rebuild the model (arch, dataset geometry, normalisation)
+and how it was trained; loading checks it against what the caller expects, so a checkpoint of
+another architecture or dataset stops a stage with one line instead of a shape error.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .artifacts import load_torch, read_json, save_torch, sha256, write_json
+from .errors import UserError
+from .models import build_model, init_lazy
+
+
+def model_meta(arch: str, data_meta: dict) -> dict:
+    """The sidecar fields that define the network: arch plus the dataset's geometry and normalisation."""
+    keys = ("dataset", "num_classes", "channels", "size", "mean", "std")
+    return {"arch": arch, **{k: data_meta[k] for k in keys}}
+
+
+def new_model(meta: dict) -> nn.Module:
+    model = build_model(meta["arch"], meta["num_classes"], meta["channels"], tuple(meta["mean"]), tuple(meta["std"]))
+    return init_lazy(model, meta["channels"], meta["size"])
+
+
+def save(path: str | Path, model: nn.Module | dict, meta: dict) -> None:
+    """Write `<path>` (state dict of a model, or the state dict itself) then `<path minus .pt>.json`
+    (meta + the state file's sha256)."""
+    path = Path(path)
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    save_torch(path, {k: v.detach().cpu() for k, v in state.items()})
+    write_json(path.with_suffix(".json"), {**meta, "sha256": sha256(path)})
+
+
+def load(path: str | Path, expect: dict[str, Any] | None = None) -> tuple[nn.Module, dict]:
+    """Rebuild and load the model at `path` (CPU, eval mode); `expect` lists sidecar values that must match."""
+    path = Path(path)
+    meta = read_json(path.with_suffix(".json"))
+    for key, want in (expect or {}).items():
+        got = meta.get(key)
+        if isinstance(want, (list, tuple)):
+            want, got = list(want), list(got) if isinstance(got, (list, tuple)) else got
+        if got != want:
+            raise UserError(f"{path}: checkpoint has {key}={got!r}, expected {want!r} (retrain, or fix params)")
+    if not path.is_file():
+        raise UserError(f"{path}: file not found (run the stage that makes it first)")
+    if meta.get("sha256") and sha256(path) != meta["sha256"]:
+        raise UserError(f"{path}: checksum differs from its sidecar {path.with_suffix('.json').name} (truncated or replaced)")
+    state = load_torch(path)
+    model = new_model(meta)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise UserError(f"{path}: does not fit arch {meta['arch']!r} ({str(exc).splitlines()[0][:120]})") from None
+    return model.eval(), meta

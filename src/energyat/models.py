@@ -1,0 +1,127 @@
+"""Model registry. Every model takes images in [0, 1] and normalises them itself."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register(name: str):
+    def wrap(fn):
+        MODELS[name] = fn
+        return fn
+
+    return wrap
+
+
+def build_model(arch: str, num_classes: int, channels: int, mean: tuple[float, ...], std: tuple[float, ...]) -> nn.Module:
+    """`arch` from the registry, wrapped so that it normalises its [0, 1] input with `mean`/`std`."""
+    if arch not in MODELS:
+        raise KeyError(f"model.arch: {arch!r} is not registered; allowed: {', '.join(MODELS)}")
+    return Normalized(MODELS[arch](num_classes=num_classes, channels=channels), mean, std)
+
+
+class Normalized(nn.Module):
+    def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net((x - self.mean) / self.std)
+
+
+@register("small-cnn")
+class SmallCNN(nn.Module):
+    """~0.09M parameters for 28×28 inputs: three 3×3 convolutions, two poolings, one linear layer."""
+
+    def __init__(self, num_classes: int = 10, channels: int = 1, width: int = 32):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(),
+        )
+        self.head = nn.LazyLinear(num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x).flatten(1))
+
+
+class PreActBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, drop: float = 0.0):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.drop = drop
+        self.shortcut = None
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = F.relu(self.bn2(out))
+        if self.drop:
+            out = F.dropout(out, self.drop, self.training)
+        return self.conv2(out) + shortcut
+
+
+class PreActResNet(nn.Module):
+    def __init__(self, blocks: tuple[int, ...], num_classes: int, channels: int, widths=(64, 128, 256, 512),
+                 stem: int = 64, drop: float = 0.0):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, stem, 3, 1, 1, bias=False)
+        layers, in_planes = [], stem
+        for i, (n, planes) in enumerate(zip(blocks, widths)):
+            for j in range(n):
+                layers.append(PreActBlock(in_planes, planes, stride=2 if (i > 0 and j == 0) else 1, drop=drop))
+                in_planes = planes
+        self.layers = nn.Sequential(*layers)
+        self.bn = nn.BatchNorm2d(in_planes)
+        self.linear = nn.Linear(in_planes, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn(self.layers(self.conv1(x))))
+        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+@register("preact-resnet18")
+def preact_resnet18(num_classes: int = 10, channels: int = 3) -> nn.Module:
+    return PreActResNet((2, 2, 2, 2), num_classes, channels)
+
+
+def _wide_resnet(depth: int, widen: int, num_classes: int, channels: int) -> nn.Module:
+    # WRN-d-k (Zagoruyko & Komodakis) in the pre-activation layout used by the robust-overfitting code.
+    n = (depth - 4) // 6
+    return PreActResNet((n, n, n), num_classes, channels, widths=(16 * widen, 32 * widen, 64 * widen), stem=16)
+
+
+@register("wrn-28-10")
+def wrn_28_10(num_classes: int = 10, channels: int = 3) -> nn.Module:
+    return _wide_resnet(28, 10, num_classes, channels)
+
+
+@register("wrn-34-10")
+def wrn_34_10(num_classes: int = 10, channels: int = 3) -> nn.Module:
+    return _wide_resnet(34, 10, num_classes, channels)
+
+
+def init_lazy(model: nn.Module, channels: int, size: int) -> nn.Module:
+    """Materialise lazy layers with one dummy forward, so parameters exist before the optimiser sees them."""
+    with torch.no_grad():
+        was_training = model.training
+        model.eval()
+        model(torch.zeros(1, channels, size, size))
+        model.train(was_training)
+    return model

@@ -1,0 +1,351 @@
+"""params.yaml -> typed, frozen config. The one place defaults and allowed values live.
+
+Every stage calls :func:`load` once, before any work; a bad value raises :class:`ParamsError`
+with one line naming the key, the value and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+DATASETS = ("fashion-mnist", "cifar10", "cifar100", "svhn", "image-folder")
+METHODS = ("standard", "fgsm", "rs-fgsm", "n-fgsm", "pgd", "trades")
+SINGLE_STEP = ("fgsm", "rs-fgsm", "n-fgsm")
+MULTI_STEP = ("pgd", "trades")
+ARCHS = ("small-cnn", "preact-resnet18", "wrn-28-10", "wrn-34-10")
+SCHEDULES = ("piecewise", "cyclic", "constant")
+INITS = ("uniform", "gaussian", "pca-global", "pca-local")
+CHECKPOINTS = ("best", "last")
+
+
+class ParamsError(UserError, ValueError):
+    """A params value that is not allowed; the message is one line for the user."""
+
+
+def _choice(*allowed: str) -> dict:
+    return {"choices": allowed}
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict:
+    return {"range": (lo, hi, lo_open)}
+
+
+@dataclass(frozen=True)
+class DataCfg:
+    dataset: str = field(default="fashion-mnist", metadata=_choice(*DATASETS))
+    # "auto": the Debian package's IDX files for Fashion-MNIST if present, else download;
+    # "download": torchvision download; anything else: a local path (IDX folder, image folder or .tar.gz).
+    source: str = "auto"
+    download_root: str = "data/downloads"
+    val_size: int = field(default=5000, metadata=_range(1))
+    image_size: int = field(default=0, metadata=_range(0))  # image-folder only: resize to this side (0: keep)
+
+
+@dataclass(frozen=True)
+class ModelCfg:
+    arch: str = field(default="small-cnn", metadata=_choice(*ARCHS))
+
+
+@dataclass(frozen=True)
+class DerCfg:
+    lam: float = field(default=1.0, metadata={**_range(0.0), "key": "lambda"})
+    gamma: float = field(default=0.0, metadata=_range(0.0))
+    # multi-step methods only: k >= 1 -> DER on from epoch k (1-based); k < 0 -> on for the last |k| epochs
+    start_epoch: int = 1
+
+    def active(self, epoch: int, epochs: int) -> bool:
+        """Whether DER is on in (1-based) `epoch` of a multi-step run lasting `epochs`."""
+        first = self.start_epoch if self.start_epoch > 0 else epochs + self.start_epoch + 1
+        return epoch >= first
+
+
+@dataclass(frozen=True)
+class TrainCfg:
+    method: str = field(default="pgd", metadata=_choice(*METHODS))
+    epochs: int = field(default=10, metadata=_range(1))
+    batch_size: int = field(default=128, metadata=_range(1))
+    n_train: int = field(default=0, metadata=_range(0))  # 0: every training image left after the validation split
+    lr_schedule: str = field(default="cyclic", metadata=_choice(*SCHEDULES))
+    lr_max: float = field(default=0.1, metadata=_range(0.0, lo_open=True))
+    lr_milestones: tuple[float, ...] = (0.5, 0.75)  # piecewise: fractions of training where lr drops 10x
+    momentum: float = field(default=0.9, metadata=_range(0.0, 1.0))
+    weight_decay: float = field(default=5e-4, metadata=_range(0.0))
+    eps: float = field(default=0.1, metadata=_range(0.0, 1.0))
+    alpha: float = field(default=0.0, metadata=_range(0.0, 1.0))  # 0: the method's default step
+    steps: int = field(default=10, metadata=_range(1))  # pgd / trades inner steps
+    trades_beta: float = field(default=6.0, metadata=_range(0.0))
+    n_val: int = field(default=1000, metadata=_range(1))  # validation images scored each epoch
+    val_steps: int = field(default=10, metadata=_range(1))  # PGD steps of the per-epoch validation attack
+    co_drop: float = field(default=0.5, metadata=_range(0.0, 1.0, lo_open=True))
+
+
+@dataclass(frozen=True)
+class RunCfg:
+    """One entry of `runs`: training settings after per-run overrides, and the DER settings it uses."""
+
+    name: str
+    train: TrainCfg
+    der: DerCfg
+
+
+@dataclass(frozen=True)
+class EvaluateCfg:
+    n_examples: int = field(default=500, metadata=_range(1))  # fixed first-n test subset (10000: all, GPU preset)
+    batch_size: int = field(default=250, metadata=_range(1))
+    pgd_steps: tuple[int, ...] = (20, 50)
+    restarts: int = field(default=10, metadata=_range(1))
+    autoattack: bool = True
+    checkpoints: tuple[str, ...] = field(default=CHECKPOINTS, metadata=_choice(*CHECKPOINTS))
+
+
+@dataclass(frozen=True)
+class AnalyzeCfg:
+    n_examples: int = field(default=500, metadata=_range(1))
+    batch_size: int = field(default=250, metadata=_range(1))
+    cw_steps: int = field(default=50, metadata=_range(1))
+    bins: int = field(default=50, metadata=_range(2))
+
+
+@dataclass(frozen=True)
+class PcaCfg:
+    variance: float = field(default=0.95, metadata=_range(0.0, 1.0, lo_open=True))
+    k: int = field(default=500, metadata=_range(2))  # neighbours of an anchor for local PCA
+    n_anchors: int = field(default=10, metadata=_range(1))  # local PCA fits per class
+
+
+@dataclass(frozen=True)
+class SamplerCfg:
+    init: str = field(default="pca-local", metadata=_choice(*INITS))
+    adaptive: bool = True
+
+
+@dataclass(frozen=True)
+class SampleCfg:
+    run: str = "pgd"  # which entry of `runs` generates (its DER and non-DER twins both do)
+    steps: int = field(default=50, metadata=_range(1))
+    step_size: float = field(default=0.8, metadata=_range(0.0, lo_open=True))
+    momentum: float = field(default=0.9, metadata=_range(0.0, 1.0))
+    noise: float = field(default=0.001, metadata=_range(0.0))
+    sigma_pca: float = field(default=0.005, metadata=_range(0.0))
+    tau: float = field(default=0.1, metadata=_range(0.0))
+    samples_per_class: int = field(default=50, metadata=_range(1))
+    batch_size: int = field(default=250, metadata=_range(1))
+    samplers: dict[str, SamplerCfg] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ScoreCfg:
+    inception_weights: str = ""  # local Inception-v3 FID weights file; empty: Inception metrics not computed
+    batch_size: int = field(default=200, metadata=_range(1))
+    step_sweep: tuple[int, ...] = (10, 25, 50)
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = 0
+    device: str = field(default="auto", metadata=_choice("auto", "cpu", "cuda"))
+    threads: int = field(default=2, metadata=_range(1))
+    data: DataCfg = field(default_factory=DataCfg)
+    model: ModelCfg = field(default_factory=ModelCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    der: DerCfg = field(default_factory=DerCfg)
+    standard: dict[str, Any] = field(default_factory=dict)
+    runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    evaluate: EvaluateCfg = field(default_factory=EvaluateCfg)
+    analyze: AnalyzeCfg = field(default_factory=AnalyzeCfg)
+    pca: PcaCfg = field(default_factory=PcaCfg)
+    sample: SampleCfg = field(default_factory=SampleCfg)
+    score: ScoreCfg = field(default_factory=ScoreCfg)
+
+    def run(self, name: str) -> RunCfg:
+        """The resolved settings of run `name` (`standard` is the non-adversarial reference)."""
+        if name == "standard":
+            overrides = self.standard
+        elif name in self.runs:
+            overrides = self.runs[name]
+        else:
+            raise ParamsError(f"runs.{name}: no such run; allowed: standard, {', '.join(self.runs) or '(none)'}")
+        return _resolve_run(name, overrides, self.train, self.der, "standard" if name == "standard" else f"runs.{name}")
+
+    def run_names(self) -> list[str]:
+        return list(self.runs)
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+_FRACTION = re.compile(r"^\s*([-+]?\d+(?:\.\d*)?)\s*/\s*(\d+(?:\.\d*)?)\s*$")
+
+
+def _as_float(key: str, value: Any) -> float:
+    # DVC writes YAML 1.2 (`1e-3`), which PyYAML (YAML 1.1) reads as a string; "8/255" is accepted too.
+    if isinstance(value, bool):
+        raise ParamsError(f"{key}: {value!r} is not a number")
+    if isinstance(value, (int, float)):
+        out = float(value)
+    elif isinstance(value, str):
+        m = _FRACTION.match(value)
+        try:
+            out = float(m.group(1)) / float(m.group(2)) if m else float(value)
+        except (ValueError, ZeroDivisionError):
+            raise ParamsError(f"{key}: {value!r} is not a number") from None
+    else:
+        raise ParamsError(f"{key}: {value!r} is not a number")
+    if not math.isfinite(out):
+        raise ParamsError(f"{key}: {value!r} is not a finite number")
+    return out
+
+
+def _as_int(key: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise ParamsError(f"{key}: {value!r} is not an integer")
+    if isinstance(value, int):
+        return value
+    f = _as_float(key, value) if isinstance(value, (str, float)) else None
+    if f is None or f != int(f):
+        raise ParamsError(f"{key}: {value!r} is not an integer")
+    return int(f)
+
+
+def _as_bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise ParamsError(f"{key}: {value!r} is not true/false")
+
+
+def _check(key: str, value: Any, meta: typing.Mapping) -> None:
+    if "choices" in meta:
+        values = value if isinstance(value, tuple) else (value,)
+        for v in values:
+            if v not in meta["choices"]:
+                raise ParamsError(f"{key}: {v!r} is not allowed; allowed: {', '.join(meta['choices'])}")
+    if "range" in meta:
+        lo, hi, lo_open = meta["range"]
+        if lo is not None and (value < lo or (lo_open and value == lo)):
+            raise ParamsError(f"{key}: {value!r} is not allowed; must be {'>' if lo_open else '>='} {lo}")
+        if hi is not None and value > hi:
+            raise ParamsError(f"{key}: {value!r} is not allowed; must be <= {hi}")
+
+
+def _convert(key: str, tp: Any, value: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is float:
+        return _as_float(key, value)
+    if tp is int:
+        return _as_int(key, value)
+    if tp is bool:
+        return _as_bool(key, value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ParamsError(f"{key}: {value!r} is not a string")
+        return value
+    if origin is tuple:
+        (item_tp, _) = typing.get_args(tp)
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return tuple(_convert(f"{key}[{i}]", item_tp, v) for i, v in enumerate(items))
+    if origin is dict:
+        _, val_tp = typing.get_args(tp)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ParamsError(f"{key}: {value!r} is not a mapping")
+        if val_tp is Any or typing.get_origin(val_tp) is dict:
+            return {str(k): (v if v is not None else {}) for k, v in value.items()}
+        return {str(k): _convert(f"{key}.{k}", val_tp, v) for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        return value
+    return value
+
+
+def _build(cls: type, raw: Any, prefix: str = "") -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{prefix or 'params'}: {raw!r} is not a mapping")
+    hints = typing.get_type_hints(cls)
+    by_key = {f.metadata.get("key", f.name): f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in raw if k not in by_key]
+    if unknown:
+        where = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
+        raise ParamsError(f"{where}: unknown key; allowed: {', '.join(by_key)}")
+    kwargs = {}
+    for k, f in by_key.items():
+        if k not in raw:
+            continue
+        key = f"{prefix}.{k}" if prefix else k
+        value = _convert(key, hints[f.name], raw[k])
+        _check(key, value, f.metadata)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def _resolve_run(name: str, overrides: dict, base: TrainCfg, der: DerCfg, prefix: str) -> RunCfg:
+    if not isinstance(overrides, dict):
+        raise ParamsError(f"{prefix}: {overrides!r} is not a mapping")
+    overrides = dict(overrides)
+    der_over = overrides.pop("der", None) or {}
+    train_raw = {**_as_raw(base), **overrides}
+    train = _build(TrainCfg, train_raw, prefix)
+    der_cfg = _build(DerCfg, {**_as_raw(der), **der_over}, f"{prefix}.der")
+    if der_cfg.start_epoch == 0:
+        raise ParamsError(f"{prefix}.der.start_epoch: 0 is not allowed; k >= 1 (from epoch k) or k < 0 (last |k| epochs)")
+    if prefix == "standard" and train.method != "standard":
+        raise ParamsError(f"standard.method: {train.method!r} is not allowed; allowed: standard")
+    if prefix != "standard" and train.method == "standard":
+        raise ParamsError(f"{prefix}.method: 'standard' is not allowed in runs (DER needs an attack); "
+                          f"allowed: {', '.join(m for m in METHODS if m != 'standard')}")
+    if train.method != "standard" and train.eps <= 0:
+        raise ParamsError(f"{prefix}.eps: {train.eps!r} is not allowed; adversarial methods need eps > 0")
+    if train.lr_schedule == "piecewise" and not all(0 < m < 1 for m in train.lr_milestones):
+        raise ParamsError(f"{prefix}.lr_milestones: {train.lr_milestones!r} is not allowed; fractions in (0, 1)")
+    return RunCfg(name=name, train=train, der=der_cfg)
+
+
+def _as_raw(cfg: Any) -> dict:
+    return {f.metadata.get("key", f.name): getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def parse(raw: dict) -> Params:
+    """Validate a params mapping (as read from params.yaml) completely, runs included."""
+    params = _build(Params, raw)
+    for name in ["standard", *params.runs]:
+        params.run(name)
+    if not params.runs:
+        raise ParamsError("runs: empty; name at least one adversarial training run")
+    if "standard" in params.runs:
+        raise ParamsError("runs.standard: the name is reserved for the `standard` section")
+    if params.sample.run not in params.runs:
+        raise ParamsError(f"sample.run: {params.sample.run!r} is not a run; allowed: {', '.join(params.runs)}")
+    for name in params.sample.samplers:
+        if not re.fullmatch(r"[a-z0-9_-]+", name):
+            raise ParamsError(f"sample.samplers.{name}: names use a-z, 0-9, '-' and '_' only")
+    return params
+
+
+def load(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return parse(raw)
+
+
+def as_dict(cfg: Any) -> dict:
+    """A JSON-friendly view of a config (for sidecars and config hashes)."""
+    return dataclasses.asdict(cfg)

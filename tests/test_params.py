@@ -1,0 +1,77 @@
+"""params.yaml validation: one line naming key, value and what is allowed; YAML 1.2 floats; run overrides."""
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from energyat import params as P
+
+ROOT = Path(__file__).resolve().parents[1]
+RAW = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def with_change(path: str, value):
+    raw = copy.deepcopy(RAW)
+    *parents, last = path.split(".")
+    node = raw
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[last] = value
+    return raw
+
+
+def test_repo_params_load_and_resolve_runs():
+    p = P.load(ROOT / "params.yaml")
+    assert p.run_names() and p.run("standard").train.method == "standard"
+    for name in p.run_names():
+        rc = p.run(name)
+        assert rc.train.method in P.METHODS and rc.train.method != "standard"
+        assert rc.train.eps > 0
+
+
+@pytest.mark.parametrize("path, value, expected", [
+    ("train.eps", -0.1, "train.eps: -0.1 is not allowed; must be >= 0.0"),
+    ("train.method", "foo", "train.method: 'foo' is not allowed; allowed: standard, fgsm"),
+    ("data.dataset", "mnist", "data.dataset: 'mnist' is not allowed"),
+    ("train.lr_max", "fast", "train.lr_max: 'fast' is not a number"),
+    ("train.epochs", 2.5, "train.epochs: 2.5 is not an integer"),
+    ("train.bogus", 1, "train.bogus: unknown key; allowed: method"),
+    ("der.start_epoch", 0, "der.start_epoch: 0 is not allowed"),
+    ("runs.fgsm.eps", 0, "runs.fgsm.eps: 0.0 is not allowed; adversarial methods need eps > 0"),
+    ("runs.fgsm.method", "standard", "runs.fgsm.method: 'standard' is not allowed in runs"),
+    ("runs.fgsm.der", {"lambda": -1}, "runs.fgsm.der.lambda: -1.0 is not allowed"),
+    ("evaluate.checkpoints", ["best", "middle"], "evaluate.checkpoints: 'middle' is not allowed"),
+    ("device", "tpu", "device: 'tpu' is not allowed"),
+])
+def test_bad_values_name_key_value_and_allowed(path, value, expected):
+    with pytest.raises(P.ParamsError) as err:
+        P.parse(with_change(path, value))
+    assert expected in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_yaml12_float_strings_and_fractions():
+    # DVC's -S writes YAML 1.2, where PyYAML reads 1e-3 as a string
+    p = P.parse(with_change("der.lambda", "1e-3"))
+    assert p.der.lam == pytest.approx(1e-3)
+    assert P.parse(with_change("runs.fgsm.eps", "8/255")).run("fgsm").train.eps == pytest.approx(8 / 255)
+
+
+def test_run_overrides_and_der_start_from_end():
+    raw = with_change("runs.fgsm.der", {"start_epoch": -3})
+    rc = P.parse(raw).run("fgsm")
+    assert rc.der.start_epoch == -3 and rc.der.lam == RAW["der"]["lambda"]
+    assert [rc.der.active(e, 10) for e in range(1, 11)] == [False] * 7 + [True] * 3
+    assert P.DerCfg(start_epoch=4).active(3, 10) is False and P.DerCfg(start_epoch=4).active(4, 10) is True
+
+
+def test_cli_reports_bad_params_in_one_line_without_traceback(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(with_change("train.eps", "lots")))
+    proc = subprocess.run([sys.executable, "-m", "energyat", "--params", str(bad), "train", "fgsm", "base"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "energyat train: error: train.eps: 'lots' is not a number"
