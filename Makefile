@@ -5,6 +5,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: repro test bench install data-source clean-venv
 

@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny synthetic image task and a small CNN trained on it in a second or two."""
 from __future__ import annotations
 
+import energyat  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch loads)
 import pytest
 import torch
 import torch.nn.functional as F

@@ -45,6 +45,9 @@ def tiny_params(tarball: Path) -> dict:
     raw["standard"] = {"epochs": 1}
     raw["runs"] = {"fgsm": {"method": "fgsm", "eps": 0.2, "epochs": 2},
                    "pgd": {"method": "pgd", "eps": 0.1, "epochs": 2, "der": {"start_epoch": -1}}}
+    raw["pca"].update(k=20, n_anchors=2)
+    raw["sample"].update(steps=4, step_sweep=[0, 2], samples_per_class=3, n_energy=20)
+    raw["score"].update(n_reference=100)
     return raw
 
 

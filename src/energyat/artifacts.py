@@ -44,8 +44,10 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def save_torch(path: str | Path, obj: Any) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    # through a file object: torch.save(obj, <path>) embeds the (random) temporary name in the archive, and
+    # identical tensors must give identical bytes (DVC and the prepared-data checksums compare them)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def save_figure(path: str | Path, fig) -> None:

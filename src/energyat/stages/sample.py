@@ -1,0 +1,148 @@
+"""`sample` stage: SGLD samples of one sampler from the `sample.run` model, without (base) and with DER.
+
+Writes data/samples/<sampler>/{base,der}.pt (uint8 images, labels, steps used, step-sweep snapshots),
+plots/samples/<sampler>.{base,der}.png (classes × examples), plots/sampling/<sampler>.{base,der}.tsv
+(per-step mean energy and fraction stopped) and metrics/sample/<sampler>.json.
+"""
+from __future__ import annotations
+
+import time
+
+import matplotlib
+import torch
+from torchvision.utils import make_grid
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
+
+from .. import checkpoint, data, sampling
+from ..artifacts import load_torch, save_figure, save_torch, write_json, write_text
+from ..errors import UserError
+from ..params import Params
+from ..runtime import log, setup
+
+VARIANTS = ("base", "der")
+GRID_COLUMNS = 10  # examples per class shown in the grid
+
+
+def model_path(variant: str, run: str) -> str:
+    return f"models/{variant}/{run}/best.pt"
+
+
+def samples_path(sampler: str, variant: str) -> str:
+    return f"data/samples/{sampler}/{variant}.pt"
+
+
+def load_prior(needs: str | None, train: data.Split, meta: dict):
+    """What the init draws from: nothing, the class Gaussians of the training images, or stored PCA fits."""
+    if needs is None:
+        return None
+    if needs == "gaussian":
+        return sampling.class_gaussians(data.to_float(train.x).flatten(1), train.y, meta["num_classes"])
+    path = f"data/pca/{needs.removeprefix('pca-')}.pt"
+    stored = load_torch(path)
+    try:
+        bank = sampling.PcaBank(list(stored["fits"]), stored["classes"])
+        width = bank.fits[0]["mean"].numel()
+    except (TypeError, KeyError, IndexError) as exc:
+        raise UserError(f"{path}: not a PCA artifact ({type(exc).__name__}: {exc}); rerun `dvc repro pca`") from None
+    pixels = meta["channels"] * meta["size"] ** 2
+    if width != pixels or set(bank.classes.tolist()) != set(range(meta["num_classes"])):
+        raise UserError(f"{path}: fitted on {width}-pixel images of classes {sorted(set(bank.classes.tolist()))}, "
+                        f"the prepared data has {pixels} pixels and {meta['num_classes']} classes; rerun `dvc repro pca`")
+    return bank
+
+
+def warn_if_not_robust(path: str, meta: dict) -> None:
+    """Samples of a non-robust classifier are adversarial noise, not images: say so, then sample anyway."""
+    chance = 1 / meta["num_classes"]
+    if meta.get("method") == "standard" or not meta.get("eps"):
+        log(f"sample: warning: {path} was trained without adversarial examples (method {meta.get('method')!r}); "
+            f"its samples will look like noise")
+    elif meta.get("val_pgd_acc") is not None and meta["val_pgd_acc"] <= chance:
+        log(f"sample: warning: {path} has validation PGD accuracy {meta['val_pgd_acc']:.3f} (chance {chance:.3f}): "
+            f"not robust, its samples will look like noise")
+
+
+def first_per_class(y: torch.Tensor, num_classes: int, n: int) -> torch.Tensor:
+    """Indices of the first `n` images of each class (all of them when n is 0)."""
+    return torch.cat([(y == c).nonzero().squeeze(1)[:n or None] for c in range(num_classes)])
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    return (x * 255).round().clamp(0, 255).to(torch.uint8).cpu()
+
+
+def grid_figure(x: torch.Tensor, y: torch.Tensor, class_names: list[str], title: str):
+    """Rows = classes, columns = the first GRID_COLUMNS samples of each class."""
+    rows = [x[y == c][:GRID_COLUMNS] for c in range(len(class_names))]
+    cols = max(r.shape[0] for r in rows)
+    blank = torch.zeros((cols, *x.shape[1:]), dtype=x.dtype)
+    tiles = torch.cat([torch.cat([r, blank[:cols - r.shape[0]]]) for r in rows])
+    grid = make_grid(tiles.float() / 255, nrow=cols, padding=2, pad_value=1.0)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * cols, 0.6 * len(rows) + 0.5))
+    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    side = x.shape[-1] + 2
+    ax.set_yticks([2 + side * (i + 0.5) - 1 for i in range(len(rows))], class_names, fontsize=8)
+    ax.set_xticks([])
+    ax.set_title(title, fontsize=9)
+    return fig
+
+
+def run(params: Params, sampler: str) -> None:
+    cfg = params.sample
+    if sampler not in cfg.samplers:
+        raise UserError(f"sample: {sampler!r} is not in sample.samplers; allowed: {', '.join(cfg.samplers) or '(none)'}")
+    scfg = cfg.samplers[sampler]
+    spec = sampling.INITS[scfg.init]
+    device = setup(params)
+    splits, meta = data.load_prepared()
+    train, k = splits["train"], meta["num_classes"]
+    shape = (meta["channels"], meta["size"], meta["size"])
+    prior = load_prior(spec.needs, train, meta)
+    models = {}
+    for variant in VARIANTS:
+        path = model_path(variant, cfg.run)
+        model, mmeta = checkpoint.load(path, expect={"arch": params.model.arch, "dataset": meta["dataset"],
+                                                     "num_classes": k, "channels": meta["channels"], "size": meta["size"]})
+        warn_if_not_robust(path, mmeta)
+        models[variant] = model.to(device).requires_grad_(False)
+
+    ref = first_per_class(train.y, k, cfg.n_energy)
+    y = torch.arange(k, device=device).repeat_interleave(cfg.samples_per_class)
+    metrics, key = {}, f"sample.{sampler}"
+    for variant, model in models.items():
+        start = time.perf_counter()
+        target = sampling.class_mean_energy(model, train.x[ref], train.y[ref], k, cfg.batch_size, device).to(device)
+        chains = sampling.generate(
+            model, spec.draw, prior, y, shape, sigma_pca=cfg.sigma_pca, batch_size=cfg.batch_size,
+            generator=torch.Generator(device).manual_seed(params.seed),  # same starts for base and DER
+            steps=cfg.steps, step_size=cfg.step_size, momentum=cfg.momentum, noise=cfg.noise,
+            target=target, tau=cfg.tau if scfg.adaptive else None, snapshots=cfg.step_sweep)
+        seconds = time.perf_counter() - start
+        x8, y_cpu = to_uint8(chains.x), y.cpu()
+        save_torch(samples_path(sampler, variant), {
+            "x": x8, "y": y_cpu, "steps_used": chains.steps_used.cpu(), "class_energy": target.cpu(),
+            "snapshots": {str(t): to_uint8(s) for t, s in chains.snapshots.items()},
+        })
+        energy, stopped = chains.energy.mean(1).cpu(), chains.stopped.float().mean(1).cpu()
+        e_train = float(target[y].mean())
+        write_text(f"plots/sampling/{sampler}.{variant}.tsv", "step\tenergy\tstopped\tenergy_train\n" + "".join(
+            f"{t}\t{float(e):.5f}\t{float(s):.4f}\t{e_train:.5f}\n" for t, (e, s) in enumerate(zip(energy, stopped))))
+        title = (f"{sampler} · {variant} {cfg.run} · {float(chains.steps_used.float().mean()):.1f} steps · "
+                 f"E(x,y) {float(energy[-1]):.2f} (train {e_train:.2f})")
+        fig = grid_figure(x8, y_cpu, meta["classes"], title)
+        save_figure(f"plots/samples/{sampler}.{variant}.png", fig)
+        plt.close(fig)
+        metrics.update({
+            f"{key}.{variant}.steps_used": round(float(chains.steps_used.float().mean()), 3),
+            f"{key}.{variant}.stopped": round(float(stopped[-1]), 4),
+            f"{key}.{variant}.energy": round(float(energy[-1]), 4),
+            f"{key}.{variant}.energy_train": round(e_train, 4),
+            f"{key}.{variant}.energy_gap": round(float(energy[-1]) - e_train, 4),
+            f"{key}.{variant}.seconds": round(seconds, 2),
+        })
+        log(f"sample {sampler} {variant}: {y.numel()} samples, {metrics[f'{key}.{variant}.steps_used']} steps, "
+            f"E {float(energy[0]):.2f} -> {float(energy[-1]):.2f} (train {e_train:.2f}), "
+            f"{float(stopped[-1]):.0%} stopped, {seconds:.1f}s")
+    write_json(f"metrics/sample/{sampler}.json", metrics)

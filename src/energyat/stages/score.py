@@ -1,0 +1,147 @@
+"""`score` stage: IS, FID and diversity of every sampler's samples, base and DER.
+
+Classifier-feature metrics (the `standard` model's features, against the training set) always;
+Inception IS/FID only from a local weights file, else "not computed". Writes metrics/score.json
+(flat keys gen.<sampler>.<variant>.<metric>), metrics/generation.md (the table),
+plots/generation/sweep.tsv and plots/generation/quality_diversity.png (FID vs diversity across
+SGLD step counts).
+"""
+from __future__ import annotations
+
+import matplotlib
+import torch
+
+from .. import checkpoint, data, fidelity
+from ..artifacts import load_torch, save_figure, write_json, write_text
+from ..errors import UserError
+from ..params import Params
+from ..runtime import log, progress, setup
+from .sample import VARIANTS, samples_path
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
+
+STANDARD = "models/base/standard/best.pt"
+NOT_COMPUTED = "not computed"
+
+
+def load_samples(path: str, meta: dict) -> dict:
+    obj = load_torch(path)
+    shape = (meta["channels"], meta["size"], meta["size"])
+    ok = (isinstance(obj, dict) and {"x", "y", "steps_used", "snapshots"} <= obj.keys()
+          and obj["x"].dtype == torch.uint8 and tuple(obj["x"].shape[1:]) == shape)
+    if not ok:
+        raise UserError(f"{path}: not a samples file of {shape} uint8 images; rerun its `dvc repro sample@...` stage")
+    return obj
+
+
+def figure(rows: list[dict], real: dict):
+    """FID (lower: closer to real images) against diversity, one line per sampler across step counts."""
+    fig, axes = plt.subplots(1, len(VARIANTS), figsize=(5.2 * len(VARIANTS), 4.2), sharex=True, sharey=True)
+    samplers = list(dict.fromkeys(r["sampler"] for r in rows))
+    for ax, variant in zip(axes, VARIANTS):
+        for i, sampler in enumerate(samplers):
+            pts = sorted((r for r in rows if r["sampler"] == sampler and r["variant"] == variant), key=lambda r: r["steps"])
+            ax.plot([p["diversity"] for p in pts], [p["fid"] for p in pts], "o-", color=f"C{i}", label=sampler)
+            for p in pts:
+                ax.annotate(str(p["steps"]), (p["diversity"], p["fid"]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+        ax.plot([real["diversity"]], [real["fid"]], "k*", markersize=11, label="real (val)")
+        ax.set_title(f"{variant} model")
+        ax.set_xlabel("diversity (mean within-class feature distance)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("FID, classifier features (lower is better)")
+    axes[-1].legend(fontsize=8)
+    fig.suptitle("quality vs diversity across SGLD step counts (numbers: steps)", fontsize=10)
+    return fig
+
+
+def table(metrics: dict, samplers: list[str], inception: bool, standard_arch: str) -> str:
+    cols = ["IS", "FID", "diversity", "mean steps"] + (["Inception IS", "Inception FID"] if inception else [])
+    lines = [
+        "# Generation: IS, FID and diversity per model and sampler",
+        "",
+        f"IS/FID/diversity on the features of the `standard` {standard_arch} classifier (classifier-feature "
+        "metrics, not comparable with Inception numbers in the literature), FID against the training set. "
+        + ("Inception IS/FID from the local weights file." if inception else
+           "Inception IS/FID: not computed (no local Inception weights; set `score.inception_weights`)."),
+        "",
+        "| model | sampler | " + " | ".join(cols) + " |",
+        "|---|---|" + "---|" * len(cols),
+    ]
+    def fmt(v) -> str:
+        return v if isinstance(v, str) else f"{v:.4g}"
+
+    for variant in VARIANTS:
+        for sampler in samplers:
+            k = f"gen.{sampler}.{variant}"
+            vals = [metrics[f"{k}.is"], metrics[f"{k}.fid"], metrics[f"{k}.diversity"], metrics[f"{k}.steps"]]
+            if inception:
+                vals += [metrics[f"{k}.inception_is"], metrics[f"{k}.inception_fid"]]
+            lines.append(f"| {variant} | {sampler} | " + " | ".join(fmt(v) for v in vals) + " |")
+    lines.append(f"| real (val) | — | {fmt(metrics['gen.real.is'])} | {fmt(metrics['gen.real.fid'])} | "
+                 f"{fmt(metrics['gen.real.diversity'])} | — |" + (" — | — |" if inception else ""))
+    return "\n".join(lines) + "\n"
+
+
+def run(params: Params) -> None:
+    cfg = params.score
+    samplers = list(params.sample.samplers)
+    if not samplers:
+        raise UserError("sample.samplers: empty; nothing to score")
+    device = setup(params)
+    splits, meta = data.load_prepared()
+    checkpoint.load(STANDARD, expect={"arch": params.model.arch, "dataset": meta["dataset"], "method": "standard"})
+    sets = {(s, v): load_samples(samples_path(s, v), meta) for s in samplers for v in VARIANTS}
+    inception = fidelity.inception_weights(cfg.inception_weights)
+    reference = splits["train"].x[:cfg.n_reference or None]
+    n = next(iter(sets.values()))["x"].shape[0]
+    real = splits["val"]
+    real_x, real_y = real.x[:n], real.y[:n]  # held-out real images, as many as a sample set: the floor at this n
+    log(f"score: {len(sets)} sample sets of {n} images against {reference.shape[0]} training images; "
+        f"Inception: {inception or NOT_COMPUTED}")
+
+    opts = dict(device=device, batch_size=cfg.batch_size, seed=params.seed)
+    scorer = fidelity.Scorer(fidelity.CLASSIFIER, STANDARD, reference, **opts)
+    inc_scorer = fidelity.Scorer(fidelity.INCEPTION, inception, reference, **opts) if inception else None
+    pooled = fidelity.pooled_features(STANDARD, device)
+    try:
+        def measure(x: torch.Tensor, y: torch.Tensor) -> dict:
+            feats = fidelity.features(pooled, x, batch_size=cfg.batch_size)
+            return {**scorer.score(x), "diversity": fidelity.diversity(feats, y)}
+
+        real_m = measure(real_x, real_y)
+        metrics = {"gen.real.is": real_m["is"], "gen.real.fid": real_m["fid"], "gen.real.diversity": real_m["diversity"]}
+        rows = []
+        for (sampler, variant), obj in progress(sets.items(), desc="score", total=len(sets)):
+            k = f"gen.{sampler}.{variant}"
+            final = measure(obj["x"], obj["y"])
+            metrics.update({f"{k}.is": final["is"], f"{k}.fid": final["fid"], f"{k}.diversity": final["diversity"],
+                            f"{k}.steps": float(obj["steps_used"].float().mean())})
+            if inc_scorer:
+                inc = inc_scorer.score(obj["x"])
+                metrics.update({f"{k}.inception_is": inc["is"], f"{k}.inception_fid": inc["fid"]})
+            else:
+                metrics.update({f"{k}.inception_is": NOT_COMPUTED, f"{k}.inception_fid": NOT_COMPUTED})
+            rows.append({"sampler": sampler, "variant": variant, "steps": params.sample.steps, **final})
+            for t, snap in obj["snapshots"].items():
+                if int(t) == params.sample.steps:  # the final samples, already scored
+                    continue
+                rows.append({"sampler": sampler, "variant": variant, "steps": int(t), **measure(snap, obj["y"])})
+            log(f"score {sampler} {variant}: IS {final['is']:.3f} FID {final['fid']:.3f} "
+                f"diversity {final['diversity']:.3f} steps {metrics[f'{k}.steps']:.1f}")
+    finally:
+        scorer.close()
+        if inc_scorer:
+            inc_scorer.close()
+
+    metrics = {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}
+    write_json("metrics/score.json", metrics)
+    write_text("metrics/generation.md", table(metrics, samplers, inc_scorer is not None, params.model.arch))
+    rows.sort(key=lambda r: (r["sampler"], r["variant"], r["steps"]))
+    write_text("plots/generation/sweep.tsv", "sampler\tvariant\tsteps\tis\tfid\tdiversity\n" + "".join(
+        f"{r['sampler']}\t{r['variant']}\t{r['steps']}\t{r['is']:.5g}\t{r['fid']:.5g}\t{r['diversity']:.5g}\n"
+        for r in rows))
+    fig = figure(rows, real_m)
+    save_figure("plots/generation/quality_diversity.png", fig)
+    plt.close(fig)

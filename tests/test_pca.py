@@ -1,0 +1,83 @@
+"""Class-wise PCA: exact reconstruction, the retained-variance rule, nearest neighbours, local fits."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from energyat import pca
+
+
+def known_spectrum(n: int = 40, d: int = 12, s=(4.0, 3.0, 2.0, 1.0), seed: int = 0):
+    """Rows mean + U·diag(s)·Vᵀ with centred orthonormal U: singular values exactly `s`."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, len(s), generator=g, dtype=torch.float64)
+    u, _ = torch.linalg.qr(a - a.mean(0))
+    v, _ = torch.linalg.qr(torch.randn(d, len(s), generator=g, dtype=torch.float64))
+    mean = torch.rand(d, generator=g, dtype=torch.float64)
+    return (mean + u @ torch.diag(torch.tensor(s, dtype=torch.float64)) @ v.T).float(), v.T.float(), mean.float()
+
+
+def test_all_components_reconstruct_exactly():
+    x = torch.rand(30, 20, generator=torch.Generator().manual_seed(1))
+    fit = pca.fit(x, 1.0)
+    assert fit["components"].shape == (20, 20)
+    torch.testing.assert_close(pca.decode(fit, pca.encode(fit, x)), x, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fit["components"] @ fit["components"].T, torch.eye(20), atol=1e-5, rtol=0)
+    assert float(fit["explained_variance_ratio"].sum()) == pytest.approx(1.0, abs=1e-6)
+    centred = (x - x.mean(0)).double()
+    torch.testing.assert_close(fit["singular_values"].double(), torch.linalg.svdvals(centred), atol=1e-5, rtol=0)
+
+
+def test_retained_variance_keeps_the_fewest_components():
+    x, v, mean = known_spectrum()  # variance ratios 16/30, 9/30, 4/30, 1/30
+    two = pca.fit(x, 0.8)  # 25/30 = 0.833 >= 0.8 > 16/30
+    assert two["components"].shape == (2, 12)
+    torch.testing.assert_close(two["singular_values"], torch.tensor([4.0, 3.0]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(two["explained_variance_ratio"], torch.tensor([16 / 30, 9 / 30]), atol=1e-6, rtol=0)
+    assert float(two["retained"]) == pytest.approx(25 / 30, abs=1e-6)
+    torch.testing.assert_close(two["mean"], mean, atol=1e-6, rtol=0)
+    # the kept directions are the true ones, up to sign
+    torch.testing.assert_close((two["components"] @ v[:2].T).abs(), torch.eye(2), atol=1e-5, rtol=0)
+    assert pca.fit(x, 0.84)["components"].shape[0] == 3  # 0.833 < 0.84 <= 29/30
+    assert pca.fit(x, 16 / 30 - 1e-4)["components"].shape[0] == 1
+    # four non-zero directions carry everything: asking for all of it keeps exactly those
+    full = pca.fit(x, 1.0)
+    torch.testing.assert_close(pca.decode(full, pca.encode(full, x)), x, atol=1e-5, rtol=0)
+
+
+def test_nearest_includes_the_anchor_and_orders_by_distance():
+    x = torch.tensor([[0.0], [5.0], [1.0], [-2.5], [3.0]])
+    assert pca.nearest(x, x[0], 3).tolist() == [0, 2, 3]
+    assert sorted(pca.nearest(x, torch.tensor([4.2]), 2).tolist()) == [1, 4]
+    assert pca.nearest(x, x[0], 99).numel() == 5  # k larger than the set: all of it
+
+
+def test_local_fits_use_neighbours_of_anchors_within_the_class():
+    g = torch.Generator().manual_seed(0)
+    # class 0: two far-apart clusters, class 1 one cluster; k = cluster size => each local fit sees one cluster
+    c0 = torch.cat([torch.randn(10, 6, generator=g) * 0.1, 10 + torch.randn(10, 6, generator=g) * 0.1])
+    c1 = -10 + torch.randn(10, 6, generator=g) * 0.1
+    x, y = torch.cat([c0, c1]), torch.tensor([0] * 20 + [1] * 10)
+    fits, classes, anchors = pca.local_classwise(x, y, 2, 0.9, k=10, n_anchors=4, generator=torch.Generator().manual_seed(3))
+    assert classes.tolist() == [0] * 4 + [1] * 4
+    assert (y[anchors] == classes).all() and anchors[:4].unique().numel() == 4
+    for fit, a in zip(fits, anchors):
+        # the mean of the anchor's own cluster, not of its class
+        cluster = x[(x - x[a]).norm(dim=1) < 3]
+        assert cluster.shape[0] == 10
+        torch.testing.assert_close(fit["mean"], cluster.mean(0), atol=1e-5, rtol=0)
+        assert float(fit["retained"]) >= 0.9
+    # fewer images than anchors or neighbours: each image anchors once, the whole class is fitted
+    fits, classes, _ = pca.local_classwise(x, y, 2, 0.9, k=50, n_anchors=50, generator=torch.Generator())
+    assert classes.tolist() == [0] * 20 + [1] * 10
+
+
+def test_classwise_fits_each_class_and_rejects_a_single_image():
+    x, y = torch.rand(9, 5), torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2])
+    fits = pca.classwise(x, y, 3, 0.95)
+    for c, fit in enumerate(fits):
+        torch.testing.assert_close(fit["mean"], x[y == c].mean(0))
+    with pytest.raises(ValueError, match="class 2 has 1 image"):
+        pca.classwise(x[:8], y[:8], 3, 0.95)
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        pca.fit(torch.rand(1, 5), 0.9)
