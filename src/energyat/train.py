@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from . import energy as E
 from .attacks import ATTACKS, Threat, default_alpha
 from .data import Split, batches, to_float
+from .errors import UserError
 from .methods import METHODS, Method
 from .params import RunCfg, TrainCfg
 from .runtime import autocast, progress
@@ -176,7 +177,7 @@ def fit(model: nn.Module, train: Split, val: Split, run: RunCfg, use_der: bool, 
         inner = progress(batches(x_train, y_train, cfg.batch_size, shuffle=True, generator=gen),
                          total=steps_per_epoch, desc=f"epoch {epoch}")
         for i, (xb, yb) in enumerate(inner):
-            lr = learning_rate(cfg, epoch - 1 + (i + 1) / steps_per_epoch)
+            lr = learning_rate(cfg, epoch - 1 + i / steps_per_epoch)
             for group in opt.param_groups:
                 group["lr"] = lr
             x = to_float(xb, device)
@@ -184,9 +185,10 @@ def fit(model: nn.Module, train: Split, val: Split, run: RunCfg, use_der: bool, 
                 x = x.contiguous(memory_format=torch.channels_last)
             train_step(model, opt, x, yb, method, threat, cfg, der_weight, run.der.gamma, device, stats)
         if not all(torch.isfinite(p).all() for p in model.parameters()):
-            raise FloatingPointError(f"{run.name}: weights became non-finite in epoch {epoch} (lower train.lr_max)")
+            raise UserError(f"{run.name}: weights became non-finite in epoch {epoch}; lower lr_max (now {cfg.lr_max})")
         val_clean, val_pgd = validate(model, val, cfg, device)
-        row = {"epoch": epoch, "lr": learning_rate(cfg, epoch), **stats.row(method.attack is not None),
+        # lr at mid-epoch: for piecewise schedules, the LR the whole epoch used
+        row = {"epoch": epoch, "lr": learning_rate(cfg, epoch - 0.5), **stats.row(method.attack is not None),
                "val_clean_acc": val_clean, "val_pgd_acc": val_pgd, "der_on": int(der_on),
                "seconds": time.perf_counter() - t0}
         history.append({k: row[k] for k in HISTORY_COLUMNS})
