@@ -21,7 +21,7 @@ COPY_IGNORE = shutil.ignore_patterns(".venv", ".git", "data", "models", "metrics
                                      "*.egg-info", ".pytest_cache", "tmp", "cache", "dvc.lock")
 
 
-def synthetic_tarball(path: Path, classes: int = 4, per_class: int = 40, size: int = 28) -> None:
+def synthetic_tarball(path: Path, classes: int = 10, per_class: int = 16, size: int = 28) -> None:
     """A class-folder tarball (train/ and test/) of grey PNGs: a fixed template per class plus noise."""
     rng = np.random.default_rng(0)
     templates = rng.random((classes, size, size))
@@ -48,6 +48,8 @@ def tiny_params(tarball: Path) -> dict:
     raw["pca"].update(k=20, n_anchors=2)
     raw["sample"].update(steps=4, step_sweep=[0, 2], samples_per_class=3, n_energy=20)
     raw["score"].update(n_reference=100)
+    raw["evaluate"].update(n_examples=20, pgd_steps=[3, 5], restarts=2)
+    raw["analyze"].update(n_examples=20, steps=3, aa_iter=5, target_classes=1, square_queries=20)
     return raw
 
 
@@ -69,6 +71,12 @@ def test_dvc_repro_tiny_pipeline(tmp_path):
 
     meta = json.loads((repo / "data/prepared/meta.json").read_text())
     assert meta["counts"] == {"train": 128, "val": 32, "test": 80} and meta["channels"] == 1
+    summary = json.loads((repo / "metrics/summary.json").read_text())
+    for key in ("co.fgsm.base.aa_acc", "co.fgsm.der.pgd5_acc", "ro.pgd.base.best.aa_acc", "ro.pgd.der.last.clean_acc"):
+        assert 0 <= summary[key] <= 1, key
+    assert any(k.startswith("gen.pca-local-adaptive.der.") for k in summary)
+    assert "| FGSM" in (repo / "metrics/co_table.md").read_text() or "fgsm" in (repo / "metrics/co_table.md").read_text()
+    assert (repo / "plots/samples/pca-local.base.png").stat().st_size > 0
     for run, variant in (("standard", "base"), ("fgsm", "base"), ("fgsm", "der"), ("pgd", "base"), ("pgd", "der")):
         m = json.loads((repo / f"metrics/train/{run}.{variant}.json").read_text())
         assert m["epochs"] == (1 if run == "standard" else 2)
@@ -83,4 +91,4 @@ def test_dvc_repro_tiny_pipeline(tmp_path):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = json.loads(dvc(repo, "status", "--json").stdout)
     assert {"train-der@fgsm", "train-der@pgd"} <= set(status)
-    assert not {"prepare", "train-standard", "train@fgsm", "train@pgd"} & set(status)
+    assert not {"prepare", "train-standard", "train@fgsm", "train@pgd", "pca", "evaluate@fgsm-base"} & set(status)

@@ -100,20 +100,32 @@ class RunCfg:
 
 @dataclass(frozen=True)
 class EvaluateCfg:
-    n_examples: int = field(default=500, metadata=_range(1))  # fixed first-n test subset (10000: all, GPU preset)
+    n_examples: int = field(default=100, metadata=_range(1))  # fixed first-n test subset (10000: all, GPU preset)
     batch_size: int = field(default=250, metadata=_range(1))
-    pgd_steps: tuple[int, ...] = (20, 50)
+    pgd_steps: tuple[int, ...] = (20, 50)  # one PGD-k evaluation per entry, each with `restarts` random starts
     restarts: int = field(default=10, metadata=_range(1))
     autoattack: bool = True
     checkpoints: tuple[str, ...] = field(default=CHECKPOINTS, metadata=_choice(*CHECKPOINTS))
 
+    def __post_init__(self):
+        if not self.pgd_steps or min(self.pgd_steps) < 1 or len(set(self.pgd_steps)) < len(self.pgd_steps):
+            raise ParamsError(f"evaluate.pgd_steps: {list(self.pgd_steps)!r} is not allowed; "
+                              "one or more distinct step counts >= 1")
+        if not self.checkpoints or len(set(self.checkpoints)) < len(self.checkpoints):
+            raise ParamsError(f"evaluate.checkpoints: {list(self.checkpoints)!r} is not allowed; "
+                              f"one or more distinct of {', '.join(CHECKPOINTS)}")
+
 
 @dataclass(frozen=True)
 class AnalyzeCfg:
-    n_examples: int = field(default=500, metadata=_range(1))
+    n_examples: int = field(default=100, metadata=_range(1))  # first-n test images attacked per model
     batch_size: int = field(default=250, metadata=_range(1))
-    cw_steps: int = field(default=50, metadata=_range(1))
-    bins: int = field(default=50, metadata=_range(2))
+    steps: int = field(default=20, metadata=_range(1))  # our PGD (CE) and CW-margin PGD: steps, one start
+    # AutoAttack's attacks, one at a time, on a smaller budget than the standard protocol (100 / 9 / 5000)
+    aa_iter: int = field(default=100, metadata=_range(1))  # APGD-CE, APGD-T, FAB-T iterations
+    target_classes: int = field(default=3, metadata=_range(1))  # APGD-T / FAB-T target classes
+    square_queries: int = field(default=1000, metadata=_range(1))
+    bins: int = field(default=30, metadata=_range(2))
 
 
 @dataclass(frozen=True)
@@ -140,14 +152,21 @@ class SampleCfg:
     tau: float = field(default=0.1, metadata=_range(0.0))
     samples_per_class: int = field(default=50, metadata=_range(1))
     batch_size: int = field(default=250, metadata=_range(1))
+    n_energy: int = field(default=1000, metadata=_range(0))  # training images per class measuring E_y; 0: all
+    step_sweep: tuple[int, ...] = (0, 10, 25)  # step counts (0: the starts) also kept, for the quality-diversity figure
     samplers: dict[str, SamplerCfg] = field(default_factory=dict)
+
+    def __post_init__(self):
+        bad = [t for t in self.step_sweep if not 0 <= t <= self.steps]
+        if bad:
+            raise ParamsError(f"sample.step_sweep: {bad[0]!r} is not allowed; step counts in 0..sample.steps ({self.steps})")
 
 
 @dataclass(frozen=True)
 class ScoreCfg:
-    inception_weights: str = ""  # local Inception-v3 FID weights file; empty: Inception metrics not computed
+    inception_weights: str = ""  # local Inception-v3 FID weights file; empty: the torch hub cache, else not computed
     batch_size: int = field(default=200, metadata=_range(1))
-    step_sweep: tuple[int, ...] = (10, 25, 50)
+    n_reference: int = field(default=0, metadata=_range(0))  # training images FID compares against; 0: all
 
 
 @dataclass(frozen=True)
@@ -170,7 +189,7 @@ class Params:
     def run(self, name: str) -> RunCfg:
         """The resolved settings of run `name` (`standard` is the non-adversarial reference)."""
         if name == "standard":
-            overrides = self.standard
+            overrides = {"method": "standard", **self.standard}
         elif name in self.runs:
             overrides = self.runs[name]
         else:

@@ -1,0 +1,113 @@
+"""The summary of a pipeline run: flat, stable metric keys and the paper-layout Markdown tables.
+
+Pure functions over the metrics dicts the stages wrote (metrics/eval, metrics/train, metrics/score.json);
+nothing is recomputed. Keys: `standard.<metric>`, `co.<run>.<variant>.<metric>` (final checkpoint),
+`ro.<run>.<variant>.<checkpoint>.<metric>`, `*.der_gain.*` (DER minus base), plus score.json's own keys.
+"""
+from __future__ import annotations
+
+import re
+
+from .params import SINGLE_STEP
+
+VARIANTS = ("base", "der")
+FINAL = "last"
+METHOD_NAMES = {"fgsm": "FGSM", "rs-fgsm": "RS-FGSM", "n-fgsm": "N-FGSM", "pgd": "PGD-AT", "trades": "TRADES"}
+TRAIN_KEYS = {"co": ("catastrophic_overfitting", "co_epoch", "co_at_end", "diverged"),
+              "ro": ("best_epoch", "best_val_pgd_acc", "robust_overfitting_gap", "diverged")}
+
+
+def family(method: str) -> str:
+    """`co` for single-step methods (catastrophic overfitting), `ro` for multi-step ones (robust overfitting)."""
+    return "co" if method in SINGLE_STEP else "ro"
+
+
+def accuracies(eval_metrics: dict, checkpoint: str) -> dict[str, float]:
+    """`clean_acc`, `pgd<k>_acc`, `aa_acc` of one checkpoint from an evaluate JSON (absent ones left out)."""
+    pattern = re.compile(rf"^{checkpoint}\.([a-z0-9]+_acc)$")
+    return {m.group(1): v for k, v in eval_metrics.items() if (m := pattern.match(k))}
+
+
+def strongest_pgd(eval_metrics: dict) -> str | None:
+    """The key (e.g. `pgd50_acc`) of the PGD evaluation with the most steps."""
+    steps = [int(m.group(1)) for k in eval_metrics if (m := re.match(r"^[a-z]+\.pgd(\d+)_acc$", k))]
+    return f"pgd{max(steps)}_acc" if steps else None
+
+
+def summary(methods: dict[str, str], evals: dict[tuple[str, str], dict], trains: dict[tuple[str, str], dict],
+            standard_eval: dict, score: dict | None = None) -> dict:
+    """Flat summary. `methods`: run -> training method; `evals`/`trains`: (run, variant) -> that stage's JSON."""
+    out = {"n_examples": standard_eval.get("n_examples")}
+    out.update({f"standard.{k}": v for k, v in accuracies(standard_eval, FINAL).items()})
+    for run, method in methods.items():
+        fam = family(method)
+        checkpoints = (FINAL,) if fam == "co" else tuple(
+            ck for ck in ("best", "last") if accuracies(evals[run, "base"], ck))
+        out[f"{fam}.{run}.eps"] = evals[run, "base"].get("eps")
+        for variant in VARIANTS:
+            prefix = f"{fam}.{run}.{variant}"
+            for ck in checkpoints:
+                where = prefix if fam == "co" else f"{prefix}.{ck}"
+                out.update({f"{where}.{k}": v for k, v in accuracies(evals[run, variant], ck).items()})
+            train = trains.get((run, variant), {})
+            out.update({f"{prefix}.{k}": train[k] for k in TRAIN_KEYS[fam] if k in train})
+        for ck in checkpoints:
+            base, der = accuracies(evals[run, "base"], ck), accuracies(evals[run, "der"], ck)
+            where = f"{fam}.{run}.der_gain" if fam == "co" else f"{fam}.{run}.der_gain.{ck}"
+            out.update({f"{where}.{k}": round(der[k] - base[k], 4) for k in base if k in der})
+    out.update(score or {})
+    return out
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.1f}"
+
+
+def _name(run: str, method: str) -> str:
+    name = METHOD_NAMES.get(method, method)
+    return name if run == method else f"{name} ({run})"
+
+
+def co_table(methods: dict[str, str], evals: dict[tuple[str, str], dict]) -> str:
+    """Catastrophic overfitting: single-step runs, base vs + DER, final checkpoint."""
+    runs = [r for r, m in methods.items() if family(m) == "co"]
+    pgd = next((strongest_pgd(evals[r, "base"]) for r in runs if strongest_pgd(evals[r, "base"])), "pgd50_acc")
+    lines = [f"| Method | ε | Clean | PGD-{pgd[3:-4]} | AA |", "|---|---:|---:|---:|---:|"]
+    for run in runs:
+        for variant in VARIANTS:
+            e = evals[run, variant]
+            acc = accuracies(e, FINAL)
+            label = _name(run, methods[run]) + (" + DER" if variant == "der" else "")
+            lines.append(f"| {label} | {e.get('eps', 0):g} | {_pct(acc.get('clean_acc'))} | "
+                         f"{_pct(acc.get(pgd))} | {_pct(acc.get('aa_acc'))} |")
+    if not runs:
+        lines.append("| (no single-step runs in params.yaml) | | | | |")
+    n = _first(evals, runs, "n_examples")
+    return "\n".join(lines) + (f"\n\nAccuracy (%) on the first {n} test images, final checkpoint; PGD with "
+                               f"{_first(evals, runs, 'restarts')} restarts; AA: standard AutoAttack.\n")
+
+
+def ro_table(methods: dict[str, str], evals: dict[tuple[str, str], dict]) -> str:
+    """Robust overfitting: multi-step runs, base vs + DER, best (by validation PGD) and last checkpoints."""
+    runs = [r for r, m in methods.items() if family(m) == "ro"]
+    pgd = next((strongest_pgd(evals[r, "base"]) for r in runs if strongest_pgd(evals[r, "base"])), "pgd50_acc")
+    lines = [f"| Method | ε | Checkpoint | Clean | PGD-{pgd[3:-4]} | AA |", "|---|---:|---|---:|---:|---:|"]
+    for run in runs:
+        for variant in VARIANTS:
+            e = evals[run, variant]
+            label = _name(run, methods[run]) + (" + DER" if variant == "der" else "")
+            for ck in ("best", "last"):
+                acc = accuracies(e, ck)
+                if acc:
+                    lines.append(f"| {label} | {e.get('eps', 0):g} | {ck} | {_pct(acc.get('clean_acc'))} | "
+                                 f"{_pct(acc.get(pgd))} | {_pct(acc.get('aa_acc'))} |")
+    if not runs:
+        lines.append("| (no multi-step runs in params.yaml) | | | | | |")
+    n = _first(evals, runs, "n_examples")
+    return "\n".join(lines) + (f"\n\nAccuracy (%) on the first {n} test images; best = epoch of highest validation "
+                               f"PGD accuracy, last = final epoch; PGD with {_first(evals, runs, 'restarts')} "
+                               "restarts; AA: standard AutoAttack.\n")
+
+
+def _first(evals: dict, runs: list[str], key: str):
+    return next((evals[r, "base"].get(key) for r in runs), "?")

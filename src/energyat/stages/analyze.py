@@ -1,0 +1,88 @@
+"""Stage `analyze`: energies of natural vs adversarial test images per attack, and ΔE over training.
+
+For the standard model and the best checkpoint of every run's base and DER models: the first
+analyze.n_examples test images are attacked with PGD, APGD-CE, APGD-T, FAB-T, Square and CW-margin PGD at
+the run's eps (the standard model at its resolved eps, the train.eps default). Writes metrics/analysis.json
+(flat keys `<run>.<variant>.<attack>.dE_x.mean`, ...), plots/energy/hist_<run>_<variant>.png and, per
+adversarial run, plots/energy/delta_energy_<run>.png from plots/history and metrics/train.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from .. import analysis, checkpoint
+from ..artifacts import read_json, save_figure, write_json
+from ..data import load_prepared, to_float
+from ..errors import UserError
+from ..params import Params
+from ..report import family
+from ..runtime import log, seed_everything, setup
+
+PLOTS = Path("plots/energy")
+
+
+def models_to_analyze(params: Params) -> list[tuple[str, str]]:
+    """(run, variant) pairs: the standard reference, then base and DER of every adversarial run."""
+    return [("standard", "base")] + [(r, v) for r in params.run_names() for v in ("base", "der")]
+
+
+def read_history(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise UserError(f"{path}: file not found (run the train stages first)")
+    history = pd.read_csv(path, sep="\t")
+    missing = {"epoch", "val_pgd_acc", "dE_x", "dE_xy", "der_on"} - set(history.columns)
+    if missing:
+        raise UserError(f"{path}: no column(s) {', '.join(sorted(missing))} (rerun the train stage that wrote it)")
+    return history
+
+
+def run(params: Params) -> None:
+    cfg = params.analyze
+    device = setup(params)
+    splits, data_meta = load_prepared()
+    geometry = {k: data_meta[k] for k in ("dataset", "num_classes", "channels", "size")}
+    models = {}
+    for run_name, variant in models_to_analyze(params):  # every input is checked before any attack runs
+        path = Path("models") / variant / run_name / "best.pt"
+        models[run_name, variant] = checkpoint.load(path, {"arch": params.model.arch, "run": run_name,
+                                                           "variant": variant, **geometry})[0]
+    histories = {(r, v): read_history(Path("plots/history") / f"{r}.{v}.tsv")
+                 for r in params.run_names() for v in ("base", "der")}
+    summaries = {(r, v): read_json(Path("metrics/train") / f"{r}.{v}.json")
+                 for r in params.run_names() for v in ("base", "der")}
+
+    test = splits["test"]
+    n = min(cfg.n_examples, len(test.y))
+    x, y = to_float(test.x[:n], device), test.y[:n].to(device)
+    metrics = {"n_examples": n, "steps": cfg.steps, "aa_iter": cfg.aa_iter, "target_classes": cfg.target_classes,
+               "square_queries": cfg.square_queries}
+    for (run_name, variant), model in models.items():
+        model = model.to(device).eval()
+        eps = params.run(run_name).train.eps
+        key = f"{run_name}.{variant}"
+        log(f"analyze {key}: {n} test images, eps {eps:g}")
+        logits_nat = analysis.logits_of(model, x, cfg.batch_size)
+        metrics.update({f"{key}.{k}": v for k, v in analysis.natural_summary(logits_nat, y).items()})
+        records = {}
+        for attack in analysis.ATTACKS:
+            seed_everything(params.seed)
+            x_adv = analysis.adversarial_examples(model, x, y, attack, eps, cfg, params.seed, data_meta["num_classes"])
+            records[attack] = analysis.energies(logits_nat, analysis.logits_of(model, x_adv, cfg.batch_size), y)
+            summary = analysis.attack_summary(records[attack])
+            metrics.update({f"{key}.{attack}.{k}": v for k, v in summary.items()})
+            log(f"analyze {key}: {attack} success {summary['success']:.3f}"
+                + (f", mean dE(x) {summary['dE_x.mean']:+.3f} dE(x,y) {summary['dE_xy.mean']:+.3f}"
+                   if summary["n"] else ""))
+        title = (f"{run_name} ({'+DER' if variant == 'der' else 'base'}, best checkpoint): energies of "
+                 f"{n} natural test images vs successful adversarial examples, eps {eps:g}")
+        save_figure(PLOTS / f"hist_{run_name}_{variant}.png", analysis.histogram_figure(records, title, cfg.bins))
+
+    for run_name in params.run_names():
+        fig = analysis.delta_energy_history_figure(
+            run_name, family(params.run(run_name).train.method), {v: histories[run_name, v] for v in ("base", "der")},
+            {v: summaries[run_name, v] for v in ("base", "der")})
+        save_figure(PLOTS / f"delta_energy_{run_name}.png", fig)
+    write_json("metrics/analysis.json", metrics)
+

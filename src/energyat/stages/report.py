@@ -1,0 +1,30 @@
+"""Stage `report`: metrics/summary.json and the CO / RO tables (metrics/co_table.md, metrics/ro_table.md).
+
+Reads metrics/eval/*.json, metrics/train/*.json and, when present, metrics/score.json (generation metrics,
+merged as they are).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import report
+from ..artifacts import read_json, write_json, write_text
+from ..params import Params
+from ..runtime import log
+
+SCORE = Path("metrics/score.json")
+
+
+def run(params: Params) -> None:
+    methods = {r: params.run(r).train.method for r in params.run_names()}
+    pairs = [(r, v) for r in methods for v in report.VARIANTS]
+    evals = {(r, v): read_json(Path("metrics/eval") / f"{r}.{v}.json") for r, v in pairs}
+    trains = {(r, v): read_json(Path("metrics/train") / f"{r}.{v}.json") for r, v in pairs}
+    standard = read_json("metrics/eval/standard.base.json")
+    score = read_json(SCORE) if SCORE.is_file() else None
+    summary = report.summary(methods, evals, trains, standard, score)
+    co, ro = report.co_table(methods, evals), report.ro_table(methods, evals)
+    write_text("metrics/co_table.md", co)
+    write_text("metrics/ro_table.md", ro)
+    write_json("metrics/summary.json", summary)
+    log(f"report: {len(summary)} summary keys{' (with score.json)' if score else ''}\n\n{co}\n{ro}")
