@@ -26,6 +26,7 @@ ARCHS = ("small-cnn", "preact-resnet18", "wrn-28-10", "wrn-34-10")
 SCHEDULES = ("piecewise", "cyclic", "constant")
 INITS = ("uniform", "gaussian", "pca-global", "pca-local")
 CHECKPOINTS = ("best", "last")
+VARIANTS = ("base", "der")  # trained without / with DER
 
 
 class ParamsError(UserError, ValueError):
@@ -195,6 +196,14 @@ class Params:
         else:
             raise ParamsError(f"runs.{name}: no such run; allowed: standard, {', '.join(self.runs) or '(none)'}")
         return _resolve_run(name, overrides, self.train, self.der, "standard" if name == "standard" else f"runs.{name}")
+
+    def variant_run(self, name: str, variant: str) -> RunCfg:
+        """`run(name)` after checking that `variant` exists for it (`standard` has no DER twin)."""
+        if variant not in VARIANTS:
+            raise ParamsError(f"variant: {variant!r} is not allowed; allowed: {', '.join(VARIANTS)}")
+        if name == "standard" and variant == "der":
+            raise ParamsError("standard: variant 'der' is not allowed; DER needs adversarial examples (use base)")
+        return self.run(name)
 
     def run_names(self) -> list[str]:
         return list(self.runs)

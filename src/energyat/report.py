@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import re
 
-from .params import SINGLE_STEP
+from .params import SINGLE_STEP, VARIANTS
 
-VARIANTS = ("base", "der")
 FINAL = "last"
 METHOD_NAMES = {"fgsm": "FGSM", "rs-fgsm": "RS-FGSM", "n-fgsm": "N-FGSM", "pgd": "PGD-AT", "trades": "TRADES"}
 TRAIN_KEYS = {"co": ("catastrophic_overfitting", "co_epoch", "co_at_end", "diverged"),

@@ -16,11 +16,9 @@ from pathlib import Path
 from .. import checkpoint, robustness
 from ..artifacts import write_json, write_text
 from ..data import load_prepared, to_float
-from ..errors import UserError
 from ..params import Params
 from ..runtime import log, seed_everything, setup
 
-VARIANTS = ("base", "der")
 
 
 def checkpoint_paths(params: Params, run_name: str, variant: str) -> dict[str, Path]:
@@ -58,11 +56,7 @@ def evaluate_model(model, x, y, eps: float, params: Params) -> dict:
 
 
 def run(params: Params, run_name: str, variant: str) -> None:
-    if variant not in VARIANTS:
-        raise UserError(f"variant: {variant!r} is not allowed; allowed: {', '.join(VARIANTS)}")
-    if run_name == "standard" and variant == "der":
-        raise UserError("standard: variant 'der' is not allowed; only adversarial runs have a DER twin (use base)")
-    rc = params.run(run_name)
+    rc = params.variant_run(run_name, variant)
     device = setup(params)
     splits, data_meta = load_prepared()
     expect = {"arch": params.model.arch, "run": run_name, "variant": variant,

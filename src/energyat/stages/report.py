@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .. import report
 from ..artifacts import read_json, write_json, write_text
-from ..params import Params
+from ..params import VARIANTS, Params
 from ..runtime import log
 
 SCORE = Path("metrics/score.json")
@@ -17,7 +17,7 @@ SCORE = Path("metrics/score.json")
 
 def run(params: Params) -> None:
     methods = {r: params.run(r).train.method for r in params.run_names()}
-    pairs = [(r, v) for r in methods for v in report.VARIANTS]
+    pairs = [(r, v) for r in methods for v in VARIANTS]
     evals = {(r, v): read_json(Path("metrics/eval") / f"{r}.{v}.json") for r, v in pairs}
     trains = {(r, v): read_json(Path("metrics/train") / f"{r}.{v}.json") for r, v in pairs}
     standard = read_json("metrics/eval/standard.base.json")

@@ -18,10 +18,9 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only bac
 from .. import checkpoint, data, sampling
 from ..artifacts import load_torch, save_figure, save_torch, write_json, write_text
 from ..errors import UserError
-from ..params import Params
+from ..params import VARIANTS, Params
 from ..runtime import log, setup
 
-VARIANTS = ("base", "der")
 GRID_COLUMNS = 10  # examples per class shown in the grid
 
 

@@ -16,7 +16,8 @@ from ..artifacts import load_torch, save_figure, write_json, write_text
 from ..errors import UserError
 from ..params import Params
 from ..runtime import log, progress, setup
-from .sample import VARIANTS, samples_path
+from ..params import VARIANTS
+from .sample import samples_path
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)

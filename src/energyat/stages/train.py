@@ -14,12 +14,10 @@ from pathlib import Path
 from .. import checkpoint
 from ..artifacts import load_torch, save_torch, write_json, write_text
 from ..data import load_prepared
-from ..errors import UserError
 from ..params import Params, as_dict
 from ..runtime import log, setup
 from ..train import HISTORY_COLUMNS, fit, summarize
 
-VARIANTS = ("base", "der")
 
 
 def history_tsv(history: list[dict]) -> str:
@@ -38,11 +36,7 @@ def _json_safe(d: dict) -> dict:
 
 
 def run(params: Params, run_name: str, variant: str) -> None:
-    if variant not in VARIANTS:
-        raise UserError(f"variant: {variant!r} is not allowed; allowed: {', '.join(VARIANTS)}")
-    if run_name == "standard" and variant == "der":
-        raise UserError("standard: variant 'der' is not allowed; DER needs adversarial examples (use base)")
-    rc = params.run(run_name)
+    rc = params.variant_run(run_name, variant)
     device = setup(params)
     splits, data_meta = load_prepared()
 
