@@ -75,3 +75,21 @@ def test_cli_reports_bad_params_in_one_line_without_traceback(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "energyat train: error: train.eps: 'lots' is not a number"
+
+
+def test_presets_are_valid_params_files():
+    presets = sorted((ROOT / "presets").glob("*.yaml"))
+    assert presets
+    for path in presets:
+        p = P.load(path)
+        assert p.run_names() and p.sample.run in p.run_names()
+
+
+def test_paper_preset_matches_the_published_setting():
+    p = P.load(ROOT / "presets/paper.yaml")
+    ro = p.run("pgd")
+    assert (p.data.dataset, p.model.arch) == ("cifar10", "preact-resnet18")
+    assert ro.train.eps == pytest.approx(8 / 255) and ro.train.steps == 10 and ro.train.epochs == 100
+    assert (ro.der.lam, ro.der.gamma) == (6.0, 0.2)
+    assert {p.run(r).train.method for r in p.run_names()} == {"pgd", "rs-fgsm", "n-fgsm"}
+    assert p.sample.samples_per_class * 10 == 10_000 and p.evaluate.n_examples == 10_000
