@@ -156,7 +156,7 @@ def trained_small_cnn(meta: dict, root, steps: int = 8, seed: int = 0) -> nn.Mod
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     model = checkpoint.new_model(checkpoint.model_meta("small-cnn", meta))
-    data = torch.load(root / "data" / "prepared" / "train.pt")
+    data = torch.load(root / "data" / "prepared" / "train.pt", weights_only=True)
     x, y = data["x"].float() / 255, data["y"]
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     for _ in range(steps):
@@ -198,7 +198,7 @@ def test_evaluate_stage_writes_flat_metrics(workdir):
     evaluate.run(params, "fgsm", "base")
 
     out = json.loads((root / "metrics/eval/fgsm.base.json").read_text())
-    test = torch.load(root / "data/prepared/test.pt")
+    test = torch.load(root / "data/prepared/test.pt", weights_only=True)
     x, y = test["x"][:24].float() / 255, test["y"][:24]
     for ck, model in (("best", best), ("last", last)):
         clean = (model(x).argmax(1) == y).float().mean().item()
