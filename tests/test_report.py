@@ -93,6 +93,7 @@ def test_report_stage_merges_score_and_writes_tables(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="metrics/eval/standard.base.json: file not found"):
         report_stage.run(params)
     (tmp_path / "metrics/eval/standard.base.json").write_text(json.dumps(STANDARD))
+    (tmp_path / "metrics/train/standard.base.json").write_text(json.dumps({"eps": 0.1, "final_val_clean_acc": 0.9}))
     report_stage.run(params)
     first = json.loads((tmp_path / "metrics/summary.json").read_text())
     assert "gen.pca-local.der.fid" not in first and first["ro.pgd.base.last.aa_acc"] == 0.57
@@ -102,3 +103,18 @@ def test_report_stage_merges_score_and_writes_tables(tmp_path, monkeypatch):
     assert summary == {**first, "gen.pca-local.der.fid": 31.5}
     assert (tmp_path / "metrics/co_table.md").read_text() == report.co_table(METHODS, EVALS)
     assert (tmp_path / "metrics/ro_table.md").read_text().startswith("| Method | ε | Checkpoint |")
+
+
+def test_training_table_rows_flag_co_divergence_and_gap():
+    trains = {("fgsm", "base"): {"eps": 0.3, "final_val_clean_acc": 0.757, "final_val_pgd_acc": 0.013,
+                                 "best_val_pgd_acc": 0.202, "best_epoch": 2, "catastrophic_overfitting": True,
+                                 "co_epoch": 5, "diverged": False, "robust_overfitting_gap": 0.189,
+                                 "final_dE_x": -0.881, "final_dE_xy": -0.471, "final_aae_frac": 0.531,
+                                 "max_aae_frac": 0.531},
+              ("fgsm", "der"): {"eps": 0.3, "final_val_clean_acc": 0.104, "final_val_pgd_acc": 0.104,
+                                "best_val_pgd_acc": 0.104, "best_epoch": 4, "catastrophic_overfitting": False,
+                                "co_epoch": None, "diverged": True, "diverged_epoch": 4}}
+    rows = report.training_table({"fgsm": "fgsm"}, trains).splitlines()
+    assert rows[2] == ("| fgsm | base | FGSM | 0.3 | 0.757 | 0.013 | 0.202 (2) | 5 | no | 0.189 | -0.881 | -0.471 "
+                       "| 0.531 (0.531) |")
+    assert rows[3].startswith("| fgsm | der | FGSM | 0.3 | 0.104 | 0.104 | 0.104 (4) | no | epoch 4 | – |")

@@ -110,3 +110,27 @@ def ro_table(methods: dict[str, str], evals: dict[tuple[str, str], dict]) -> str
 
 def _first(evals: dict, runs: list[str], key: str):
     return next((evals[r, "base"].get(key) for r in runs), "?")
+
+
+def _num(v, fmt: str = "{:.3f}") -> str:
+    return "–" if v is None else fmt.format(v)
+
+
+def training_table(methods: dict[str, str], trains: dict[tuple[str, str], dict]) -> str:
+    """Per training run (validation split, from metrics/train): final and best PGD accuracy, CO / divergence,
+    the robust-overfitting gap and the final training-batch energies."""
+    lines = ["| Run | Variant | Method | ε | Val clean | Val PGD | Best val PGD (epoch) | CO epoch | Diverged "
+             "| Best − last | ΔE(x) | ΔE(x,y) | AAE frac (max) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+    for (run, variant), t in trains.items():
+        lines.append(
+            f"| {run} | {variant} | {METHOD_NAMES.get(methods.get(run, ''), methods.get(run, 'standard'))} "
+            f"| {t.get('eps', 0):g} | {_num(t.get('final_val_clean_acc'))} | {_num(t.get('final_val_pgd_acc'))} "
+            f"| {_num(t.get('best_val_pgd_acc'))} ({t.get('best_epoch')}) "
+            f"| {t.get('co_epoch') if t.get('catastrophic_overfitting') else 'no'} "
+            f"| {'epoch ' + str(t['diverged_epoch']) if t.get('diverged') else 'no'} "
+            f"| {_num(t.get('robust_overfitting_gap'))} | {_num(t.get('final_dE_x'))} | {_num(t.get('final_dE_xy'))} "
+            f"| {_num(t.get('final_aae_frac'), '{:.3f}')} ({_num(t.get('max_aae_frac'), '{:.3f}')}) |")
+    return "\n".join(lines) + ("\n\nValidation images (`train.n_val`), PGD-`val_steps` with one restart at each run's ε;"
+                               " energies are means over the last epoch's training batches (ΔE = natural − adversarial)."
+                               "\n")

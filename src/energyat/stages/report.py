@@ -1,4 +1,5 @@
-"""Stage `report`: metrics/summary.json and the CO / RO tables (metrics/co_table.md, metrics/ro_table.md).
+"""Stage `report`: metrics/summary.json, the CO / RO tables (metrics/co_table.md, metrics/ro_table.md) and the
+training table (metrics/train_table.md).
 
 Reads metrics/eval/*.json, metrics/train/*.json and, when present, metrics/score.json (generation metrics,
 merged as they are).
@@ -24,6 +25,8 @@ def run(params: Params) -> None:
     score = read_json(SCORE) if SCORE.is_file() else None
     summary = report.summary(methods, evals, trains, standard, score)
     co, ro = report.co_table(methods, evals), report.ro_table(methods, evals)
+    trains_all = {("standard", "base"): read_json("metrics/train/standard.base.json"), **trains}
+    write_text("metrics/train_table.md", report.training_table(methods, trains_all))
     write_text("metrics/co_table.md", co)
     write_text("metrics/ro_table.md", ro)
     write_json("metrics/summary.json", summary)
