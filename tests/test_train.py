@@ -109,6 +109,10 @@ def test_summary_tells_catastrophic_overfitting_from_divergence():
     s = summarize(diverged, num_classes=10, co_drop=0.5)
     assert not s["catastrophic_overfitting"] and s["diverged"] and s["diverged_epoch"] == 2
 
+    standard = [row(1, 0.85, 0.30), row(2, 0.90, 0.02)]  # a standard model's PGD accuracy falling is not CO
+    s = summarize(standard, num_classes=10, co_drop=0.5, adversarial=False)
+    assert not s["catastrophic_overfitting"] and s["best_epoch"] == 2 and math.isnan(s["robust_overfitting_gap"])
+
     robust_overfit = [row(1, 0.70, 0.40), row(2, 0.80, 0.50), row(3, 0.90, 0.42)]
     s = summarize(robust_overfit, num_classes=10, co_drop=0.5)
     assert not s["catastrophic_overfitting"] and s["robust_overfitting_gap"] == pytest.approx(0.08)

@@ -159,7 +159,9 @@ def fit(model: nn.Module, train: Split, val: Split, run: RunCfg, use_der: bool, 
         model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
         history, start = list(resume["history"]), int(resume["epoch"])
-    best = max((r["val_pgd_acc"] if cfg.eps > 0 else r["val_clean_acc"] for r in history), default=-1.0)
+    # checkpoint selection: validation PGD accuracy for adversarial training, clean accuracy for `standard`
+    select = "val_pgd_acc" if method.attack else "val_clean_acc"
+    best = max((r[select] for r in history), default=-1.0)
 
     x_train, y_train = train.x, train.y
     if cfg.n_train:
@@ -192,9 +194,8 @@ def fit(model: nn.Module, train: Split, val: Split, run: RunCfg, use_der: bool, 
                "val_clean_acc": val_clean, "val_pgd_acc": val_pgd, "der_on": int(der_on),
                "seconds": time.perf_counter() - t0}
         history.append({k: row[k] for k in HISTORY_COLUMNS})
-        score = val_pgd if cfg.eps > 0 else val_clean
-        is_best = score > best
-        best = max(best, score)
+        is_best = row[select] > best
+        best = max(best, row[select])
         bar.update(1)
         bar.set_postfix(clean=f"{val_clean:.3f}", pgd=f"{val_pgd:.3f}", aae=f"{row['aae_frac']:.2f}")
         if on_epoch_end is not None:
@@ -204,8 +205,9 @@ def fit(model: nn.Module, train: Split, val: Split, run: RunCfg, use_der: bool, 
     return history
 
 
-def summarize(history: list[dict], num_classes: int, co_drop: float) -> dict:
+def summarize(history: list[dict], num_classes: int, co_drop: float, adversarial: bool = True) -> dict:
     """Run-level metrics from the per-epoch history: final/best validation accuracies, CO, divergence, RO gap.
+    A non-adversarial run (`adversarial=False`) is selected by clean accuracy and has no CO / RO verdict.
 
     Catastrophic overfitting: validation PGD accuracy falls below both `co_drop` × its best so far and chance level,
     while clean accuracy stays above twice chance; a clean accuracy near chance is divergence, not CO.
@@ -217,11 +219,10 @@ def summarize(history: list[dict], num_classes: int, co_drop: float) -> dict:
         collapsed_clean = r["val_clean_acc"] < 2 * chance
         if collapsed_clean and diverged_epoch is None:
             diverged_epoch = r["epoch"]
-        if (co_epoch is None and not collapsed_clean and r["val_pgd_acc"] < chance
+        if (adversarial and co_epoch is None and not collapsed_clean and r["val_pgd_acc"] < chance
                 and r["val_pgd_acc"] < co_drop * best_so_far):
             co_epoch = r["epoch"]
         best_so_far = max(best_so_far, r["val_pgd_acc"])
-    adversarial = not math.isnan(history[-1]["val_pgd_acc"])
     key = "val_pgd_acc" if adversarial else "val_clean_acc"
     best = max(history, key=lambda r: r[key])
     last = history[-1]

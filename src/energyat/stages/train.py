@@ -35,6 +35,15 @@ def _json_safe(d: dict) -> dict:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
 
 
+# a saved state is resumed only by the code that wrote it: the same params under changed training code restart
+TRAINING_CODE = ("train.py", "methods.py", "attacks.py", "energy.py", "models.py", "stages/train.py")
+
+
+def _code_digest() -> str:
+    root = Path(__file__).resolve().parents[1]
+    return hashlib.sha256(b"".join((root / name).read_bytes() for name in TRAINING_CODE)).hexdigest()[:16]
+
+
 def run(params: Params, run_name: str, variant: str) -> None:
     rc = params.variant_run(run_name, variant)
     device = setup(params)
@@ -44,6 +53,7 @@ def run(params: Params, run_name: str, variant: str) -> None:
     config = {
         "seed": params.seed, "arch": params.model.arch, "train": as_dict(rc.train),
         "der": as_dict(rc.der) if use_der else None, "data": data_meta["files"], "device": device.type,
+        "code": _code_digest(),
     }
     config_hash = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
     out = Path("models") / variant / run_name
@@ -82,7 +92,7 @@ def run(params: Params, run_name: str, variant: str) -> None:
             f"aae {row['aae_frac']:.3f} dE(x) {row['dE_x']:.3f} ({row['seconds']:.0f}s)")
 
     history = fit(model, splits["train"], splits["val"], rc, use_der, device, params.seed, resume, on_epoch_end)
-    summary = summarize(history, data_meta["num_classes"], rc.train.co_drop)
+    summary = summarize(history, data_meta["num_classes"], rc.train.co_drop, adversarial=rc.train.method != "standard")
     write_text(history_path, history_tsv(history))
     write_json(metrics_path, _json_safe({"run": run_name, "variant": variant, "method": rc.train.method,
                                          "eps": rc.train.eps, **summary}))
