@@ -67,10 +67,16 @@ def _name(run: str, method: str) -> str:
     return name if run == method else f"{name} ({run})"
 
 
+def _family_runs(methods: dict[str, str], evals: dict[tuple[str, str], dict], fam: str) -> tuple[list[str], str]:
+    """The runs of one family and the key of the strongest PGD evaluation they report."""
+    runs = [r for r, m in methods.items() if family(m) == fam]
+    pgd = next((strongest_pgd(evals[r, "base"]) for r in runs if strongest_pgd(evals[r, "base"])), "pgd50_acc")
+    return runs, pgd
+
+
 def co_table(methods: dict[str, str], evals: dict[tuple[str, str], dict]) -> str:
     """Catastrophic overfitting: single-step runs, base vs + DER, final checkpoint."""
-    runs = [r for r, m in methods.items() if family(m) == "co"]
-    pgd = next((strongest_pgd(evals[r, "base"]) for r in runs if strongest_pgd(evals[r, "base"])), "pgd50_acc")
+    runs, pgd = _family_runs(methods, evals, "co")
     lines = [f"| Method | ε | Clean | PGD-{pgd[3:-4]} | AA |", "|---|---:|---:|---:|---:|"]
     for run in runs:
         for variant in VARIANTS:
@@ -88,8 +94,7 @@ def co_table(methods: dict[str, str], evals: dict[tuple[str, str], dict]) -> str
 
 def ro_table(methods: dict[str, str], evals: dict[tuple[str, str], dict]) -> str:
     """Robust overfitting: multi-step runs, base vs + DER, best (by validation PGD) and last checkpoints."""
-    runs = [r for r, m in methods.items() if family(m) == "ro"]
-    pgd = next((strongest_pgd(evals[r, "base"]) for r in runs if strongest_pgd(evals[r, "base"])), "pgd50_acc")
+    runs, pgd = _family_runs(methods, evals, "ro")
     lines = [f"| Method | ε | Checkpoint | Clean | PGD-{pgd[3:-4]} | AA |", "|---|---:|---|---:|---:|---:|"]
     for run in runs:
         for variant in VARIANTS:
