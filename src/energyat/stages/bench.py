@@ -21,7 +21,7 @@ from ..robustness import autoattack_seconds_per_100
 from ..runtime import log, setup
 from ..train import BatchStats, make_optimizer, train_step
 
-GEOMETRY = {  # dataset -> (channels, size, classes, mean, std); normalisation does not change timings
+GEOMETRY = {  # dataset -> (channels, size, classes) of its images; timings do not depend on the pixels
     "fashion-mnist": (1, 28, 10), "cifar10": (3, 32, 10), "cifar100": (3, 32, 100), "svhn": (3, 32, 10),
     "image-folder": (3, 32, 10),
 }
