@@ -74,6 +74,15 @@ def _family_runs(methods: dict[str, str], evals: dict[tuple[str, str], dict], fa
     return runs, pgd
 
 
+def _label(run: str, method: str, variant: str) -> str:
+    return _name(run, method) + (" + DER" if variant == "der" else "")
+
+
+def _acc_cells(acc: dict[str, float], pgd: str) -> str:
+    """The `clean | PGD | AA |` cells of a table row, in %."""
+    return f"{_pct(acc.get('clean_acc'))} | {_pct(acc.get(pgd))} | {_pct(acc.get('aa_acc'))} |"
+
+
 def co_table(methods: dict[str, str], evals: dict[tuple[str, str], dict]) -> str:
     """Catastrophic overfitting: single-step runs, base vs + DER, final checkpoint."""
     runs, pgd = _family_runs(methods, evals, "co")
@@ -81,10 +90,8 @@ def co_table(methods: dict[str, str], evals: dict[tuple[str, str], dict]) -> str
     for run in runs:
         for variant in VARIANTS:
             e = evals[run, variant]
-            acc = accuracies(e, FINAL)
-            label = _name(run, methods[run]) + (" + DER" if variant == "der" else "")
-            lines.append(f"| {label} | {e.get('eps', 0):g} | {_pct(acc.get('clean_acc'))} | "
-                         f"{_pct(acc.get(pgd))} | {_pct(acc.get('aa_acc'))} |")
+            lines.append(f"| {_label(run, methods[run], variant)} | {e.get('eps', 0):g} | "
+                         + _acc_cells(accuracies(e, FINAL), pgd))
     if not runs:
         lines.append("| (no single-step runs in params.yaml) | | | | |")
     n = _first(evals, runs, "n_examples")
@@ -99,12 +106,10 @@ def ro_table(methods: dict[str, str], evals: dict[tuple[str, str], dict]) -> str
     for run in runs:
         for variant in VARIANTS:
             e = evals[run, variant]
-            label = _name(run, methods[run]) + (" + DER" if variant == "der" else "")
             for ck in ("best", "last"):
-                acc = accuracies(e, ck)
-                if acc:
-                    lines.append(f"| {label} | {e.get('eps', 0):g} | {ck} | {_pct(acc.get('clean_acc'))} | "
-                                 f"{_pct(acc.get(pgd))} | {_pct(acc.get('aa_acc'))} |")
+                if acc := accuracies(e, ck):
+                    lines.append(f"| {_label(run, methods[run], variant)} | {e.get('eps', 0):g} | {ck} | "
+                                 + _acc_cells(acc, pgd))
     if not runs:
         lines.append("| (no multi-step runs in params.yaml) | | | | | |")
     n = _first(evals, runs, "n_examples")
