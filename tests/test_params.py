@@ -43,10 +43,17 @@ def test_repo_params_load_and_resolve_runs():
     ("runs.fgsm.eps", 0, "runs.fgsm.eps: 0.0 is not allowed; adversarial methods need eps > 0"),
     ("runs.fgsm.method", "standard", "runs.fgsm.method: 'standard' is not allowed in runs"),
     ("runs.fgsm.der", {"lambda": -1}, "runs.fgsm.der.lambda: -1.0 is not allowed"),
+    ("runs.fgsm.bogus", 1, "runs.fgsm.bogus: unknown key; allowed: method"),
+    ("runs.fgsm.model", {"hidden": -1}, "runs.fgsm.model.hidden: -1 is not allowed; must be >= 0"),
+    ("runs.fgsm.model", {"arch": "wrn-28-10", "width": 64}, "runs.fgsm.model.width: 64 is not allowed with arch"),
+    ("model.hidden", 512, None),
     ("evaluate.checkpoints", ["best", "middle"], "evaluate.checkpoints: 'middle' is not allowed"),
     ("device", "tpu", "device: 'tpu' is not allowed"),
 ])
 def test_bad_values_name_key_value_and_allowed(path, value, expected):
+    if expected is None:  # a valid value: parses
+        P.parse(with_change(path, value))
+        return
     with pytest.raises(P.ParamsError) as err:
         P.parse(with_change(path, value))
     assert expected in str(err.value)
@@ -66,6 +73,18 @@ def test_run_overrides_and_der_start_from_end():
     assert rc.der.start_epoch == -3 and rc.der.lam == RAW["der"]["lambda"]
     assert [rc.der.active(e, 10) for e in range(1, 11)] == [False] * 7 + [True] * 3
     assert P.DerCfg(start_epoch=4).active(3, 10) is False and P.DerCfg(start_epoch=4).active(4, 10) is True
+
+
+def test_run_model_override_keeps_the_rest_of_the_global_model():
+    raw = with_change("model.width", 16)
+    raw["runs"]["fgsm"]["model"] = {"hidden": 256}
+    p = P.parse(raw)
+    assert p.run("fgsm").model == P.ModelCfg(arch="small-cnn", width=16, hidden=256)
+    assert p.run("standard").model == P.ModelCfg(width=16)
+    assert p.run("fgsm").model.options() == {"width": 16, "hidden": 256}
+    assert P.ModelCfg(arch="preact-resnet18").options() == {}
+    with pytest.raises(P.ParamsError, match=r"^model\.hidden: 8 is not allowed with arch 'preact-resnet18'"):
+        P.parse({**with_change("model.arch", "preact-resnet18"), "model": {"arch": "preact-resnet18", "hidden": 8}})
 
 
 def test_cli_reports_bad_params_in_one_line_without_traceback(tmp_path):

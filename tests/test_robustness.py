@@ -13,6 +13,7 @@ from energyat import checkpoint, cli, robustness
 from energyat.artifacts import sha256
 from energyat.attacks import Threat, pgd_attack
 from energyat.errors import UserError
+from energyat.params import ModelCfg
 from energyat.params import parse
 from energyat.stages import evaluate
 
@@ -155,7 +156,7 @@ def trained_small_cnn(meta: dict, root, steps: int = 8, seed: int = 0) -> nn.Mod
     """The default small CNN, fitted for a few full-batch SGD steps on the fake training split."""
     torch.set_num_threads(1)
     torch.manual_seed(seed)
-    model = checkpoint.new_model(checkpoint.model_meta("small-cnn", meta))
+    model = checkpoint.new_model(checkpoint.model_meta(ModelCfg(), meta))
     data = torch.load(root / "data" / "prepared" / "train.pt", weights_only=True)
     x, y = data["x"].float() / 255, data["y"]
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -169,7 +170,7 @@ def trained_small_cnn(meta: dict, root, steps: int = 8, seed: int = 0) -> nn.Mod
 
 def save_run(root, meta: dict, run: str, variant: str, models: dict, method: str = "fgsm", eps: float = 0.3):
     for ck, model in models.items():
-        tag = {**checkpoint.model_meta("small-cnn", meta), "run": run, "variant": variant, "method": method,
+        tag = {**checkpoint.model_meta(ModelCfg(), meta), "run": run, "variant": variant, "method": method,
                "eps": eps, "epoch": {"best": 2, "last": 3}[ck], "val_clean_acc": 0.5, "val_pgd_acc": 0.1}
         checkpoint.save(root / "models" / variant / run / f"{ck}.pt", model, tag)
 
@@ -249,7 +250,8 @@ def test_evaluate_stops_on_a_missing_truncated_or_mismatched_checkpoint(workdir)
     save_run(root, meta, "fgsm", "base", {"best": model, "last": model})
     sidecar = root / "models/base/fgsm/best.json"
     good = json.loads(sidecar.read_text())
-    for key, value in (("arch", "preact-resnet18"), ("dataset", "cifar10"), ("run", "pgd")):
+    for key, value in (("arch", "preact-resnet18"), ("options", {"width": 64, "hidden": 0}), ("dataset", "cifar10"),
+                       ("run", "pgd")):
         sidecar.write_text(json.dumps({**good, key: value}))
         assert f"{key}={value!r}" in _one_line_error(params)
     assert "variant" in _one_line_error(params, "standard", "der")

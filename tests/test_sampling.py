@@ -144,10 +144,10 @@ def workspace(root, model, samplers: dict) -> params.Params:
     state = model.state_dict()
     for variant, run, method, eps in (("base", "standard", "standard", 0.0), ("base", "pgd", "pgd", 0.1),
                                       ("der", "pgd", "pgd", 0.1)):
-        twin = checkpoint.new_model(checkpoint.model_meta("small-cnn", meta))
+        twin = checkpoint.new_model(checkpoint.model_meta(params.ModelCfg(), meta))
         twin.load_state_dict(state)
         checkpoint.save(root / f"models/{variant}/{run}/best.pt", twin,
-                        {**checkpoint.model_meta("small-cnn", meta), "run": run, "variant": variant, "method": method,
+                        {**checkpoint.model_meta(params.ModelCfg(), meta), "run": run, "variant": variant, "method": method,
                          "eps": eps, "epoch": 1, "val_clean_acc": 1.0, "val_pgd_acc": 0.5})
     return params.parse({
         "threads": 1, "runs": {"pgd": {"method": "pgd"}},

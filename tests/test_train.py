@@ -28,7 +28,7 @@ def run_cfg(**over):
     der = over.pop("der", {})
     base = {"method": "fgsm", "epochs": 3, "batch_size": 64, "eps": 0.1, "n_val": 64, "val_steps": 3,
             "lr_max": 0.05, **over}
-    return P.RunCfg("t", P._build(P.TrainCfg, base), P._build(P.DerCfg, {"lambda": 1.0, **der}))
+    return P.RunCfg("t", P._build(P.TrainCfg, base), P._build(P.DerCfg, {"lambda": 1.0, **der}), P.ModelCfg())
 
 
 def test_learning_rate_schedules():
@@ -114,8 +114,18 @@ def test_summary_tells_catastrophic_overfitting_from_divergence():
     assert not s["catastrophic_overfitting"] and s["best_epoch"] == 2 and math.isnan(s["robust_overfitting_gap"])
 
     robust_overfit = [row(1, 0.70, 0.40), row(2, 0.80, 0.50), row(3, 0.90, 0.42)]
-    s = summarize(robust_overfit, num_classes=10, co_drop=0.5)
+    s = summarize(robust_overfit, num_classes=10, co_drop=0.5, window=2)
     assert not s["catastrophic_overfitting"] and s["robust_overfitting_gap"] == pytest.approx(0.08)
+    assert s["robust_overfitting_gap_smoothed"] == pytest.approx(0.0)  # window means 0.45, 0.46: last is best
+
+    # one lucky epoch makes a single-epoch gap; the smoothed gap sees the flat trend
+    noisy = [row(e, 0.8, acc) for e, acc in enumerate([0.50, 0.51, 0.58, 0.50, 0.51, 0.50, 0.51, 0.50], 1)]
+    s = summarize(noisy, num_classes=10, co_drop=0.5, window=3)
+    assert s["robust_overfitting_gap"] == pytest.approx(0.08)
+    assert s["robust_overfitting_gap_smoothed"] == pytest.approx((0.51 + 0.58 + 0.50 - 1.51) / 3)
+
+    late_start = [row(1, 0.15, 0.05), row(2, 0.60, 0.30)]  # near chance before learning anything is not divergence
+    assert not summarize(late_start, num_classes=10, co_drop=0.5)["diverged"]
 
 
 def test_train_stage_resumes_from_its_state_file(splits, tmp_path, monkeypatch):

@@ -14,16 +14,23 @@ from torch import nn
 from .artifacts import load_torch, read_json, save_torch, sha256, write_json
 from .errors import UserError
 from .models import build_model, init_lazy
+from .params import ModelCfg
 
 
-def model_meta(arch: str, data_meta: dict) -> dict:
-    """The sidecar fields that define the network: arch plus the dataset's geometry and normalisation."""
+def model_id(model: ModelCfg) -> dict:
+    """The sidecar fields naming the network itself: arch and its size options (what `load` callers expect)."""
+    return {"arch": model.arch, "options": model.options()}
+
+
+def model_meta(model: ModelCfg, data_meta: dict) -> dict:
+    """The sidecar fields that define the network: arch and options plus the dataset's geometry and normalisation."""
     keys = ("dataset", "num_classes", "channels", "size", "mean", "std")
-    return {"arch": arch, **{k: data_meta[k] for k in keys}}
+    return {**model_id(model), **{k: data_meta[k] for k in keys}}
 
 
 def new_model(meta: dict) -> nn.Module:
-    model = build_model(meta["arch"], meta["num_classes"], meta["channels"], tuple(meta["mean"]), tuple(meta["std"]))
+    model = build_model(meta["arch"], meta["num_classes"], meta["channels"], tuple(meta["mean"]), tuple(meta["std"]),
+                        meta.get("options"))
     return init_lazy(model, meta["channels"], meta["size"])
 
 

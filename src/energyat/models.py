@@ -18,11 +18,13 @@ def register(name: str):
     return wrap
 
 
-def build_model(arch: str, num_classes: int, channels: int, mean: tuple[float, ...], std: tuple[float, ...]) -> nn.Module:
-    """`arch` from the registry, wrapped so that it normalises its [0, 1] input with `mean`/`std`."""
+def build_model(arch: str, num_classes: int, channels: int, mean: tuple[float, ...], std: tuple[float, ...],
+                options: dict | None = None) -> nn.Module:
+    """`arch` from the registry (built with the keywords `options`), wrapped so that it normalises its [0, 1]
+    input with `mean`/`std`."""
     if arch not in MODELS:
         raise KeyError(f"model.arch: {arch!r} is not registered; allowed: {', '.join(MODELS)}")
-    return Normalized(MODELS[arch](num_classes=num_classes, channels=channels), mean, std)
+    return Normalized(MODELS[arch](num_classes=num_classes, channels=channels, **(options or {})), mean, std)
 
 
 class Normalized(nn.Module):
@@ -38,16 +40,19 @@ class Normalized(nn.Module):
 
 @register("small-cnn")
 class SmallCNN(nn.Module):
-    """~0.09M parameters for 28×28 inputs: three 3×3 convolutions, two poolings, one linear layer."""
+    """Three 3×3 convolutions (`width`, 2×, 2× channels), two poolings, a linear classifier: ~0.09M parameters
+    for 28×28 inputs at width 32. `hidden` > 0 puts a ReLU layer of that many units before the classifier: cheap
+    capacity (one matrix product) for runs that must be able to memorise, such as robust overfitting on a subset."""
 
-    def __init__(self, num_classes: int = 10, channels: int = 1, width: int = 32):
+    def __init__(self, num_classes: int = 10, channels: int = 1, width: int = 32, hidden: int = 0):
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(),
         )
-        self.head = nn.LazyLinear(num_classes)
+        self.head = (nn.Sequential(nn.LazyLinear(hidden), nn.ReLU(), nn.Linear(hidden, num_classes)) if hidden
+                     else nn.LazyLinear(num_classes))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x).flatten(1))

@@ -55,6 +55,12 @@ class DataCfg:
 @dataclass(frozen=True)
 class ModelCfg:
     arch: str = field(default="small-cnn", metadata=_choice(*ARCHS))
+    width: int = field(default=32, metadata=_range(1))  # small-cnn: channels of the first convolution (then 2x)
+    hidden: int = field(default=0, metadata=_range(0))  # small-cnn: units of a hidden linear layer; 0: none
+
+    def options(self) -> dict:
+        """Constructor keywords of `arch` beyond the dataset geometry (the others have fixed sizes)."""
+        return {"width": self.width, "hidden": self.hidden} if self.arch == "small-cnn" else {}
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,7 @@ class RunCfg:
     name: str
     train: TrainCfg
     der: DerCfg
+    model: ModelCfg
 
 
 @dataclass(frozen=True)
@@ -195,7 +202,8 @@ class Params:
             overrides = self.runs[name]
         else:
             raise ParamsError(f"runs.{name}: no such run; allowed: standard, {', '.join(self.runs) or '(none)'}")
-        return _resolve_run(name, overrides, self.train, self.der, "standard" if name == "standard" else f"runs.{name}")
+        return _resolve_run(name, overrides, self.train, self.der, self.model,
+                            "standard" if name == "standard" else f"runs.{name}")
 
     def variant_run(self, name: str, variant: str) -> RunCfg:
         """`run(name)` after checking that `variant` exists for it (`standard` has no DER twin)."""
@@ -320,11 +328,25 @@ def _build(cls: type, raw: Any, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _resolve_run(name: str, overrides: dict, base: TrainCfg, der: DerCfg, prefix: str) -> RunCfg:
+def _check_model(model: ModelCfg, prefix: str) -> ModelCfg:
+    for key in ("width", "hidden"):
+        if model.arch != "small-cnn" and getattr(model, key) != getattr(ModelCfg, key):
+            raise ParamsError(f"{prefix}.{key}: {getattr(model, key)!r} is not allowed with arch {model.arch!r}; "
+                              "only small-cnn takes it (leave it at its default)")
+    return model
+
+
+def _resolve_run(name: str, overrides: dict, base: TrainCfg, der: DerCfg, model: ModelCfg, prefix: str) -> RunCfg:
     if not isinstance(overrides, dict):
         raise ParamsError(f"{prefix}: {overrides!r} is not a mapping")
     overrides = dict(overrides)
+    allowed = [*_as_raw(base), "der", "model"]
+    unknown = [k for k in overrides if k not in allowed]
+    if unknown:
+        raise ParamsError(f"{prefix}.{unknown[0]}: unknown key; allowed: {', '.join(allowed)}")
     der_over = overrides.pop("der", None) or {}
+    model_over = overrides.pop("model", None) or {}
+    model_cfg = _check_model(_build(ModelCfg, {**_as_raw(model), **model_over}, f"{prefix}.model"), f"{prefix}.model")
     train_raw = {**_as_raw(base), **overrides}
     train = _build(TrainCfg, train_raw, prefix)
     der_cfg = _build(DerCfg, {**_as_raw(der), **der_over}, f"{prefix}.der")
@@ -339,7 +361,7 @@ def _resolve_run(name: str, overrides: dict, base: TrainCfg, der: DerCfg, prefix
         raise ParamsError(f"{prefix}.eps: {train.eps!r} is not allowed; adversarial methods need eps > 0")
     if train.lr_schedule == "piecewise" and not all(0 < m < 1 for m in train.lr_milestones):
         raise ParamsError(f"{prefix}.lr_milestones: {train.lr_milestones!r} is not allowed; fractions in (0, 1)")
-    return RunCfg(name=name, train=train, der=der_cfg)
+    return RunCfg(name=name, train=train, der=der_cfg, model=model_cfg)
 
 
 def _as_raw(cfg: Any) -> dict:
@@ -349,6 +371,7 @@ def _as_raw(cfg: Any) -> dict:
 def parse(raw: dict) -> Params:
     """Validate a params mapping (as read from params.yaml) completely, runs included."""
     params = _build(Params, raw)
+    _check_model(params.model, "model")
     for name in ["standard", *params.runs]:
         params.run(name)
     if not params.runs:

@@ -9,11 +9,13 @@ from __future__ import annotations
 import re
 
 from .params import SINGLE_STEP, VARIANTS
+from .train import RO_WINDOW
 
 FINAL = "last"
 METHOD_NAMES = {"fgsm": "FGSM", "rs-fgsm": "RS-FGSM", "n-fgsm": "N-FGSM", "pgd": "PGD-AT", "trades": "TRADES"}
 TRAIN_KEYS = {"co": ("catastrophic_overfitting", "co_epoch", "co_at_end", "diverged"),
-              "ro": ("best_epoch", "best_val_pgd_acc", "robust_overfitting_gap", "diverged")}
+              "ro": ("best_epoch", "best_val_pgd_acc", "robust_overfitting_gap", "robust_overfitting_gap_smoothed",
+                     "diverged")}
 
 
 def family(method: str) -> str:
@@ -130,7 +132,7 @@ def training_table(methods: dict[str, str], trains: dict[tuple[str, str], dict])
     """Per training run (validation split, from metrics/train): final and best PGD accuracy, CO / divergence,
     the robust-overfitting gap and the final training-batch energies."""
     lines = ["| Run | Variant | Method | ε | Val clean | Val PGD | Best val PGD (epoch) | CO epoch | Diverged "
-             "| Best − last | ΔE(x) | ΔE(x,y) | AAE frac (max) |",
+             f"| Best − last ({RO_WINDOW}-epoch means) | ΔE(x) | ΔE(x,y) | AAE frac (max) |",
              "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
     for (run, variant), t in trains.items():
         lines.append(
@@ -139,8 +141,10 @@ def training_table(methods: dict[str, str], trains: dict[tuple[str, str], dict])
             f"| {_num(t.get('best_val_pgd_acc'))} ({t.get('best_epoch')}) "
             f"| {t.get('co_epoch') if t.get('catastrophic_overfitting') else 'no'} "
             f"| {'epoch ' + str(t['diverged_epoch']) if t.get('diverged') else 'no'} "
-            f"| {_num(t.get('robust_overfitting_gap'))} | {_num(t.get('final_dE_x'))} | {_num(t.get('final_dE_xy'))} "
+            f"| {_num(t.get('robust_overfitting_gap'))} ({_num(t.get('robust_overfitting_gap_smoothed'))}) "
+            f"| {_num(t.get('final_dE_x'))} | {_num(t.get('final_dE_xy'))} "
             f"| {_num(t.get('final_aae_frac'), '{:.3f}')} ({_num(t.get('max_aae_frac'), '{:.3f}')}) |")
     return "\n".join(lines) + ("\n\nValidation images (`train.n_val`), PGD-`val_steps` with one restart at each run's ε;"
-                               " energies are means over the last epoch's training batches (ΔE = natural − adversarial)."
+                               " energies are means over the last epoch's training batches (ΔE = natural − adversarial). Best − last in"
+                               f" brackets: the best {RO_WINDOW}-epoch mean of val PGD minus the last {RO_WINDOW}-epoch mean."
                                "\n")

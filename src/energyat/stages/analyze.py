@@ -46,8 +46,8 @@ def run(params: Params) -> None:
     models = {}
     for run_name, variant in models_to_analyze(params):  # every input is checked before any attack runs
         path = Path("models") / variant / run_name / "best.pt"
-        models[run_name, variant] = checkpoint.load(path, {"arch": params.model.arch, "run": run_name,
-                                                           "variant": variant, **geometry})[0]
+        expect = {**checkpoint.model_id(params.run(run_name).model), "run": run_name, "variant": variant, **geometry}
+        models[run_name, variant] = checkpoint.load(path, expect)[0]
     histories = {(r, v): read_history(Path("plots/history") / f"{r}.{v}.tsv")
                  for r in params.run_names() for v in ("base", "der")}
     summaries = {(r, v): read_json(Path("metrics/train") / f"{r}.{v}.json")

@@ -30,7 +30,7 @@ WARMUP, BATCHES = 3, 15
 
 def _model(params: Params, device: torch.device) -> tuple[torch.nn.Module, tuple[int, int, int]]:
     channels, size, classes = GEOMETRY[params.data.dataset]
-    meta = {"arch": params.model.arch, "num_classes": classes, "channels": channels, "size": size,
+    meta = {**checkpoint.model_id(params.model), "num_classes": classes, "channels": channels, "size": size,
             "mean": [0.5] * channels, "std": [0.25] * channels}
     return checkpoint.new_model(meta).to(device), (channels, size, classes)
 
@@ -92,7 +92,7 @@ def run(params: Params) -> None:
     log(f"bench autoattack seconds/100 images: {results['autoattack.seconds_per_100']:.1f} ({aa_model})")
     write_json("metrics/bench.json", {
         **{k: round(v, 1) for k, v in results.items()},
-        "config": {"arch": params.model.arch, "dataset": params.data.dataset, "batch_size": batch,
+        "config": {**checkpoint.model_id(params.model), "dataset": params.data.dataset, "batch_size": batch,
                    "train_steps": params.train.steps, "device": device.type, "threads": torch.get_num_threads(),
                    "torch": torch.__version__, "autoattack_model": aa_model, "cpu": platform.processor() or platform.machine()},
     })

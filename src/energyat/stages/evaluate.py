@@ -59,7 +59,7 @@ def run(params: Params, run_name: str, variant: str) -> None:
     rc = params.variant_run(run_name, variant)
     device = setup(params)
     splits, data_meta = load_prepared()
-    expect = {"arch": params.model.arch, "run": run_name, "variant": variant,
+    expect = {**checkpoint.model_id(rc.model), "run": run_name, "variant": variant,
               **{k: data_meta[k] for k in ("dataset", "num_classes", "channels", "size")}}
     loaded = {ck: checkpoint.load(path, expect) for ck, path in checkpoint_paths(params, run_name, variant).items()}
 

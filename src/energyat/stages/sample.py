@@ -102,7 +102,7 @@ def run(params: Params, sampler: str) -> None:
     models = {}
     for variant in VARIANTS:
         path = model_path(variant, cfg.run)
-        model, mmeta = checkpoint.load(path, expect={"arch": params.model.arch, "dataset": meta["dataset"],
+        model, mmeta = checkpoint.load(path, expect={**checkpoint.model_id(params.run(cfg.run).model), "dataset": meta["dataset"],
                                                      "num_classes": k, "channels": meta["channels"], "size": meta["size"]})
         warn_if_not_robust(path, mmeta)
         models[variant] = model.to(device).requires_grad_(False)

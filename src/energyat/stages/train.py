@@ -51,7 +51,7 @@ def run(params: Params, run_name: str, variant: str) -> None:
 
     use_der = variant == "der"
     config = {
-        "seed": params.seed, "arch": params.model.arch, "train": as_dict(rc.train),
+        "seed": params.seed, "model": as_dict(rc.model), "train": as_dict(rc.train),
         "der": as_dict(rc.der) if use_der else None, "data": data_meta["files"], "device": device.type,
         "code": _code_digest(),
     }
@@ -73,7 +73,7 @@ def run(params: Params, run_name: str, variant: str) -> None:
         shutil.rmtree(out)
 
     meta = {
-        **checkpoint.model_meta(params.model.arch, data_meta), "run": run_name, "variant": variant,
+        **checkpoint.model_meta(rc.model, data_meta), "run": run_name, "variant": variant,
         "method": rc.train.method, "eps": rc.train.eps, "config_hash": config_hash,
         "der": as_dict(rc.der) if use_der else None,
     }
