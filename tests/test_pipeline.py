@@ -44,7 +44,8 @@ def tiny_params(tarball: Path) -> dict:
     raw["train"].update(batch_size=32, n_val=32, val_steps=2, steps=2)
     raw["standard"] = {"epochs": 1}
     raw["runs"] = {"fgsm": {"method": "fgsm", "eps": 0.2, "epochs": 2},
-                   "pgd": {"method": "pgd", "eps": 0.1, "epochs": 2, "der": {"start_epoch": -1}}}
+                   "pgd": {"method": "pgd", "eps": 0.1, "epochs": 2, "der": {"start_epoch": -1},
+                           "model": {"hidden": 16}}}  # a per-run network, checked by every later stage
     raw["pca"].update(k=20, n_anchors=2)
     raw["sample"].update(steps=4, step_sweep=[0, 2], samples_per_class=3, n_energy=20)
     raw["score"].update(n_reference=100)
@@ -82,6 +83,8 @@ def test_dvc_repro_tiny_pipeline(tmp_path):
         assert m["epochs"] == (1 if run == "standard" else 2)
         assert 0 <= m["final_val_clean_acc"] <= 1
         assert (repo / f"models/{variant}/{run}/best.pt").is_file()
+        sidecar = json.loads((repo / f"models/{variant}/{run}/best.json").read_text())
+        assert sidecar["options"] == {"width": 32, "hidden": 16 if run == "pgd" else 0}
     pgd_der = (repo / "plots/history/pgd.der.tsv").read_text().splitlines()
     assert [line.split("\t")[13] for line in pgd_der[1:]] == ["0", "1"]  # der_on: last epoch only
 
