@@ -109,12 +109,13 @@ def test_training_table_rows_flag_co_divergence_and_gap():
     trains = {("fgsm", "base"): {"eps": 0.3, "final_val_clean_acc": 0.757, "final_val_pgd_acc": 0.013,
                                  "best_val_pgd_acc": 0.202, "best_epoch": 2, "catastrophic_overfitting": True,
                                  "co_epoch": 5, "diverged": False, "robust_overfitting_gap": 0.189,
+                                 "robust_overfitting_gap_smoothed": 0.121,
                                  "final_dE_x": -0.881, "final_dE_xy": -0.471, "final_aae_frac": 0.531,
                                  "max_aae_frac": 0.531},
               ("fgsm", "der"): {"eps": 0.3, "final_val_clean_acc": 0.104, "final_val_pgd_acc": 0.104,
                                 "best_val_pgd_acc": 0.104, "best_epoch": 4, "catastrophic_overfitting": False,
                                 "co_epoch": None, "diverged": True, "diverged_epoch": 4}}
     rows = report.training_table({"fgsm": "fgsm"}, trains).splitlines()
-    assert rows[2] == ("| fgsm | base | FGSM | 0.3 | 0.757 | 0.013 | 0.202 (2) | 5 | no | 0.189 | -0.881 | -0.471 "
+    assert rows[2] == ("| fgsm | base | FGSM | 0.3 | 0.757 | 0.013 | 0.202 (2) | 5 | no | 0.189 (0.121) | -0.881 | -0.471 "
                        "| 0.531 (0.531) |")
-    assert rows[3].startswith("| fgsm | der | FGSM | 0.3 | 0.104 | 0.104 | 0.104 (4) | no | epoch 4 | – |")
+    assert rows[3].startswith("| fgsm | der | FGSM | 0.3 | 0.104 | 0.104 | 0.104 (4) | no | epoch 4 | – (–) |")
