@@ -99,11 +99,12 @@ def run(params: Params, sampler: str) -> None:
     train, k = splits["train"], meta["num_classes"]
     shape = (meta["channels"], meta["size"], meta["size"])
     prior = load_prior(spec.needs, train, meta)
+    expect = {**checkpoint.model_id(params.run(cfg.run).model), "num_classes": k,
+              **{key: meta[key] for key in ("dataset", "channels", "size")}}
     models = {}
     for variant in VARIANTS:
         path = model_path(variant, cfg.run)
-        model, mmeta = checkpoint.load(path, expect={**checkpoint.model_id(params.run(cfg.run).model), "dataset": meta["dataset"],
-                                                     "num_classes": k, "channels": meta["channels"], "size": meta["size"]})
+        model, mmeta = checkpoint.load(path, expect=expect)
         warn_if_not_robust(path, mmeta)
         models[variant] = model.to(device).requires_grad_(False)
 

@@ -92,7 +92,8 @@ def run(params: Params) -> None:
         raise UserError("sample.samplers: empty; nothing to score")
     device = setup(params)
     splits, meta = data.load_prepared()
-    checkpoint.load(STANDARD, expect={**checkpoint.model_id(params.run("standard").model), "dataset": meta["dataset"], "method": "standard"})
+    standard = params.run("standard").model
+    checkpoint.load(STANDARD, expect={**checkpoint.model_id(standard), "dataset": meta["dataset"], "method": "standard"})
     sets = {(s, v): load_samples(samples_path(s, v), meta) for s in samplers for v in VARIANTS}
     inception = fidelity.inception_weights(cfg.inception_weights)
     reference = splits["train"].x[:cfg.n_reference or None]
@@ -138,7 +139,7 @@ def run(params: Params) -> None:
 
     metrics = {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}
     write_json("metrics/score.json", metrics)
-    write_text("metrics/generation.md", table(metrics, samplers, inc_scorer is not None, params.run("standard").model.arch))
+    write_text("metrics/generation.md", table(metrics, samplers, inc_scorer is not None, standard.arch))
     rows.sort(key=lambda r: (r["sampler"], r["variant"], r["steps"]))
     write_text("plots/generation/sweep.tsv", "sampler\tvariant\tsteps\tis\tfid\tdiversity\n" + "".join(
         f"{r['sampler']}\t{r['variant']}\t{r['steps']}\t{r['is']:.5g}\t{r['fid']:.5g}\t{r['diversity']:.5g}\n"
