@@ -9,15 +9,23 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .errors import UserError
 
 
-def select_device(name: str) -> torch.device:
+def device_type(name: str) -> str:
+    """"cuda" or "cpu" for the `device` param (auto: CUDA when present)."""
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise UserError("device: 'cuda' is not allowed here; no CUDA device is visible (use auto or cpu)")
-        return torch.device("cuda")
-    return torch.device("cpu")
+        return "cuda"
+    return "cpu"
+
+
+def select_device(name: str) -> torch.device:
+    """This rank's device: its own GPU (LOCAL_RANK) under torchrun on CUDA, else the CPU."""
+    kind = device_type(name)
+    return torch.device("cuda", distributed.context().local_rank) if kind == "cuda" else torch.device("cpu")
 
 
 def seed_everything(seed: int) -> None:
@@ -27,8 +35,10 @@ def seed_everything(seed: int) -> None:
 
 
 def setup(params) -> torch.device:
-    """Threads, seed and device for a stage; CPU runs are deterministic for the same params."""
-    torch.set_num_threads(params.threads)
+    """Process group (under torchrun), threads, seed and device for a stage; CPU runs are deterministic for the
+    same params. `threads` is the stage's total: ranks sharing a CPU split it."""
+    ctx = distributed.init(device_type(params.device))
+    torch.set_num_threads(max(1, params.threads // ctx.local_world))
     seed_everything(params.seed)
     device = select_device(params.device)
     if device.type == "cuda":
@@ -45,10 +55,11 @@ def autocast(device: torch.device):
 
 def progress(iterable=None, **kwargs):
     """A tqdm bar with ETA, silent when stderr is not a terminal (DVC logs, CI) unless ENERGYAT_PROGRESS=1."""
-    enabled = sys.stderr.isatty() or os.environ.get("ENERGYAT_PROGRESS") == "1"
+    enabled = distributed.context().main and (sys.stderr.isatty() or os.environ.get("ENERGYAT_PROGRESS") == "1")
     return tqdm(iterable, disable=not enabled, dynamic_ncols=True, leave=False, **kwargs)
 
 
 def log(msg: str) -> None:
-    """One line of stage progress on stderr (kept in DVC's output even without a TTY)."""
-    print(msg, file=sys.stderr, flush=True)
+    """One line of stage progress on stderr (kept in DVC's output even without a TTY); rank 0 only."""
+    if distributed.context().main:
+        print(msg, file=sys.stderr, flush=True)

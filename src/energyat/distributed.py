@@ -1,0 +1,143 @@
+"""Data parallelism through PyTorch's own engine (DESIGN.md §7): `torch.distributed`, launched by torchrun.
+
+One process is the special case world = 1: no process group, every helper below degenerates to the identity.
+Under torchrun (or `python -m energyat --nproc N`, which starts torchrun's launcher itself) every rank runs the
+same stage function; NCCL on CUDA, gloo on CPU. Work is split so that results do not depend on the number of
+ranks: training shards each global batch, evaluation owns whole fixed-size blocks of the test set (so
+per-example randomness is a function of the block, not of the rank), and rank 0 gathers and writes.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1  # ranks on this machine (they share its CPU cores)
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the only rank that writes files."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+SINGLE = Context()
+_context = SINGLE
+
+
+def launched() -> bool:
+    """Whether this process is a rank started by torchrun (its environment names the world)."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init(device_type: str, timeout_s: int = 1800) -> Context:
+    """Join the process group torchrun set up (no-op for a single process) and return this rank's context.
+
+    `device_type` picks the backend: NCCL for "cuda", gloo otherwise. A rank that dies makes torchrun end the
+    others; the timeout bounds how long a collective waits for a peer that hangs instead of dying."""
+    global _context
+    if not launched() or int(os.environ["WORLD_SIZE"]) == 1:
+        _context = SINGLE
+        return _context
+    world = int(os.environ["WORLD_SIZE"])
+    ctx = Context(rank=int(os.environ["RANK"]), world=world, local_rank=int(os.environ["LOCAL_RANK"]),
+                  local_world=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    if not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if device_type == "cuda":
+            torch.cuda.set_device(ctx.local_rank)
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    _context = ctx
+    return ctx
+
+
+def context() -> Context:
+    return _context
+
+
+def shutdown() -> None:
+    global _context
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _context = SINGLE
+
+
+def check_nproc(nproc: int, device_type: str) -> None:
+    """A params error before any work when `nproc` ranks cannot run on this machine."""
+    if nproc < 1:
+        raise UserError(f"distributed.nproc: {nproc!r} is not allowed; must be >= 1")
+    if device_type == "cuda" and nproc > torch.cuda.device_count():
+        raise UserError(f"distributed.nproc: {nproc} is not allowed; only {torch.cuda.device_count()} CUDA "
+                        "device(s) are visible (one rank per GPU)")
+
+
+def shard(n: int, ctx: Context | None = None) -> slice:
+    """This rank's contiguous part of `n` items (balanced like `torch.tensor_split`; rank order = item order)."""
+    ctx = ctx or _context
+    base, extra = divmod(n, ctx.world)
+    start = ctx.rank * base + min(ctx.rank, extra)
+    return slice(start, start + base + (ctx.rank < extra))
+
+
+def owned_blocks(n: int, block: int, ctx: Context | None = None) -> list[tuple[int, slice]]:
+    """(block index, item slice) of the fixed-size blocks of `n` items that this rank processes.
+
+    Blocks are cut from the global index the same way for any world size and handed out contiguously,
+    so per-block randomness (seeded by the block index) gives the same result on 1 or N ranks, and
+    concatenating the ranks' results in rank order restores the item order."""
+    ctx = ctx or _context
+    n_blocks = (n + block - 1) // block
+    mine = shard(n_blocks, ctx)
+    return [(b, slice(b * block, min(n, (b + 1) * block))) for b in range(mine.start, mine.stop)]
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """Elementwise sum over ranks (in place; the identity for one process)."""
+    if _context.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's `t` along dim 0 in rank order, on every rank (sizes may differ by rank)."""
+    if not _context.distributed:
+        return t
+    if t.dtype == torch.bool:  # not every backend reduces bool tensors
+        return gather_cat(t.to(torch.uint8)).bool()
+    size = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(size) for _ in range(_context.world)]
+    dist.all_gather(sizes, size)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros((longest, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[: t.shape[0]] = t
+    parts = [torch.zeros_like(padded) for _ in range(_context.world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+
+
+def gather_objects(obj) -> list:
+    """Every rank's picklable `obj`, in rank order, on every rank."""
+    if not _context.distributed:
+        return [obj]
+    out = [None] * _context.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if _context.distributed:
+        dist.barrier()
