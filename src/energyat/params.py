@@ -178,10 +178,17 @@ class ScoreCfg:
 
 
 @dataclass(frozen=True)
+class DistributedCfg:
+    # ranks of the train / evaluate / analyze / sample stages (torchrun); 1: one process, no process group
+    nproc: int = field(default=1, metadata=_range(1))
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = 0
     device: str = field(default="auto", metadata=_choice("auto", "cpu", "cuda"))
     threads: int = field(default=2, metadata=_range(1))
+    distributed: DistributedCfg = field(default_factory=DistributedCfg)
     data: DataCfg = field(default_factory=DataCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
