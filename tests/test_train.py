@@ -132,10 +132,10 @@ def test_train_stage_resumes_from_its_state_file(splits, tmp_path, monkeypatch):
     train, val = splits
     monkeypatch.chdir(tmp_path)
     meta = {"dataset": "synthetic", "num_classes": 4, "channels": 1, "size": 16, "mean": [0.5], "std": [0.25],
-            "files": {"train": "a", "val": "b", "test": "c"}}
+            "files": {"train": "a", "val": "b", "test": "c"}, "counts": {"train": 256, "val": 128, "test": 0}}
     monkeypatch.setattr(train_stage, "load_prepared", lambda: ({"train": train, "val": val}, meta))
     raw = {"runs": {"co": {"method": "fgsm", "epochs": 3, "batch_size": 64, "eps": 0.1, "n_val": 64,
-                           "val_steps": 2}}, "sample": {"run": "co"}, "standard": {"epochs": 1}}
+                           "val_steps": 2}}, "sample": {"run": "co"}, "standard": {"epochs": 1, "n_val": 64}}
     params = P.parse(raw)
 
     train_stage.run(params, "co", "der")

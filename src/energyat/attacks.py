@@ -168,6 +168,6 @@ def default_alpha(method: str, eps: float, steps: int) -> float:
     """The step size each method's paper uses when `train.alpha` is 0."""
     if method == "rs-fgsm":
         return 1.25 * eps
-    if method in ("fgsm", "n-fgsm"):
+    if method in ("fgsm", "n-fgsm", "gradalign"):
         return eps
     return 2.5 * eps / steps  # PGD / TRADES: ε/4 for 10 steps (2/255 at 8/255, as Rice et al.)

@@ -1,11 +1,22 @@
-"""`python -m energyat <stage> [args]`: one entry per dvc.yaml stage; no logic lives here."""
+"""`python -m energyat [--nproc N] <stage> [args]`: one entry per dvc.yaml stage; no logic lives here.
+
+`--nproc N` (default: params `distributed.nproc`) runs a stage of DISTRIBUTED on N ranks of this machine through
+torchrun's own launcher (`torch.distributed.run`, standalone rendezvous); under an outer `torchrun` (several
+machines) the process is already a rank and runs the stage directly.
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import sys
+import uuid
 
 from .errors import UserError
+
+DISTRIBUTED = ("train", "evaluate", "analyze", "sample")
+LAUNCHED = "ENERGYAT_LAUNCHED"  # set for the ranks our launcher starts: they leave the error line to it
 
 # stage name -> (module under energyat.stages, positional argument names)
 STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -24,22 +35,78 @@ STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="energyat", description=__doc__)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--nproc", type=int, default=None,
+                        help=f"ranks for {', '.join(DISTRIBUTED)} (default: params distributed.nproc)")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="stage")
     for name, (_, args) in STAGES.items():
         p = sub.add_parser(name)
         for arg in args:
             p.add_argument(arg)
+    argv = sys.argv[1:] if argv is None else argv
     ns = parser.parse_args(argv)
+    from . import distributed
     from . import params as params_mod
 
+    rank = f" (rank {os.environ['RANK']})" if distributed.launched() else ""
     try:
         params = params_mod.load(ns.params)
+        nproc = params.distributed.nproc if ns.nproc is None else ns.nproc
+        if ns.stage in DISTRIBUTED and not distributed.launched():
+            from .runtime import device_type
+
+            distributed.check_nproc(nproc, device_type(params.device))
+            if nproc > 1:
+                return _launch(ns.stage, nproc, params.threads, argv)
         module = importlib.import_module(f"energyat.stages.{STAGES[ns.stage][0]}")
         module.run(params, *[getattr(ns, a) for a in STAGES[ns.stage][1]])
     except UserError as exc:
-        print(f"energyat {ns.stage}: error: {exc}", file=sys.stderr)
+        if os.environ.get(LAUNCHED):
+            _record(exc)
+        else:
+            print(f"energyat {ns.stage}: error{rank}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"energyat {ns.stage}: interrupted; completed outputs are kept, rerun to resume", file=sys.stderr)
         return 130
+    return 0
+
+
+def _record(exc: BaseException) -> None:
+    """Hand a rank's one-line error to the launcher through torchelastic's error file."""
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+    ErrorHandler().record_exception(exc)
+
+
+def _launch(stage: str, nproc: int, threads: int, argv: list[str]) -> int:
+    """Run `python -m energyat <argv>` on `nproc` local ranks with torchrun's engine (standalone rendezvous, no
+    restarts: a rank that dies ends the others); one line names the first rank that failed and why."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its failure report is ours below
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, threads // nproc)))
+    os.environ[LAUNCHED] = "1"
+    # the ranks take their count from torchrun's environment, not from --nproc (which torchrun's parser would
+    # also mistake for an abbreviation of its own --nproc-per-node)
+    rest = [a for i, a in enumerate(argv) if not (a.startswith("--nproc") or (i and argv[i - 1] == "--nproc"))]
+    # torchrun --standalone: a c10d rendezvous on a free local port
+    args = torchrun.parse_args(["--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0", f"--rdzv-id={uuid.uuid4()}",
+                                f"--nproc-per-node={nproc}", "--max-restarts=0", "--module", "energyat", *rest])
+    config, cmd, cmd_args = torchrun.config_from_args(args)
+    try:
+        elastic_launch(config, cmd)(*cmd_args)
+    except ChildFailedError as exc:
+        # the rank that failed by itself first, rather than one the launcher stopped because of it
+        rank, failure = min(exc.failures.items(), key=lambda kv: (not kv[1].error_file_data, kv[1].timestamp))
+        if failure.error_file_data:
+            message = failure.message.get("message", "") if isinstance(failure.message, dict) else failure.message
+            why = str(message).split(": ", 1)[-1]  # "ParamsError: <line>" -> "<line>"
+        elif failure.signal_name() != "<N/A>":
+            why = f"killed by {failure.signal_name()}"
+        else:
+            why = f"exited with code {failure.exitcode} (its output is above)"
+        print(f"energyat {stage}: error: rank {rank}: {why}", file=sys.stderr)
+        return 2 if failure.exitcode == 2 else 1
     return 0

@@ -435,3 +435,43 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = F
     for i in range(0, len(x), batch_size):
         idx = order[i:i + batch_size]
         yield x[idx], y[idx]
+
+
+# ------------------------------------------------------------------------------------------------ augmentation
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Per-image draws of one batch: crop shifts in [-pad, pad] (pixels, rows and columns) and horizontal flips."""
+
+    dy: torch.Tensor  # int64, N
+    dx: torch.Tensor  # int64, N
+    flip: torch.Tensor  # bool, N
+
+    def __getitem__(self, rows) -> "Augmentation":
+        return Augmentation(self.dy[rows], self.dx[rows], self.flip[rows])
+
+
+def draw_augmentation(n: int, kind: str, generator: torch.Generator, device, pad: int = 4) -> Augmentation | None:
+    """Draws for `n` images of augmentation `kind` (none | crop | crop-flip) from `generator` (on `device`);
+    None for `none`. The caller draws for the whole global batch and slices, so ranks agree on every image."""
+    if kind == "none":
+        return None
+    if kind not in ("crop", "crop-flip"):
+        raise ValueError(f"augmentation {kind!r}; allowed: none, crop, crop-flip")
+    shifts = torch.randint(-pad, pad + 1, (2, n), generator=generator, device=device)
+    flip = torch.rand(n, generator=generator, device=device) < 0.5 if kind == "crop-flip" else \
+        torch.zeros(n, dtype=torch.bool, device=device)
+    return Augmentation(shifts[0], shifts[1], flip)
+
+
+def augment(x: torch.Tensor, aug: Augmentation, pad: int = 4) -> torch.Tensor:
+    """Random crop of the zero-padded image (torchvision's RandomCrop(size, padding=pad)) then horizontal flip,
+    as one gather on `x`'s device; works on uint8 or float images (N, C, H, W)."""
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    ar_h = torch.arange(h, device=x.device)
+    ar_w = torch.arange(w, device=x.device)
+    rows = aug.dy[:, None] + pad + ar_h  # (N, H) rows of the padded image
+    cols = aug.dx[:, None] + pad + torch.where(aug.flip[:, None], w - 1 - ar_w, ar_w)  # (N, W)
+    out = padded[torch.arange(n, device=x.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+    return out.permute(0, 3, 1, 2).contiguous()

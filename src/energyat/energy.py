@@ -2,6 +2,9 @@
 
 Pure tensor functions over logits `f(x)` of shape (N, K); every result is per sample (N,) unless
 named a loss. Sign conventions follow DESIGN.md §1: ΔE is natural minus adversarial.
+
+Every function computes in fp32 whatever the logits' dtype: under bf16 autocast a logsumexp of values near 10
+rounds to ~0.06, the size of DER's margin γ and of the adaptive-stopping band.
 """
 from __future__ import annotations
 
@@ -11,12 +14,12 @@ from torch import Tensor
 
 def energy(logits: Tensor) -> Tensor:
     """Marginal energy E(x) = -logsumexp_k f(x)[k]."""
-    return -torch.logsumexp(logits, dim=1)
+    return -torch.logsumexp(logits.float(), dim=1)
 
 
 def joint_energy(logits: Tensor, y: Tensor) -> Tensor:
     """Joint energy E(x, y) = -f(x)[y]."""
-    return -logits.gather(1, y[:, None]).squeeze(1)
+    return -logits.float().gather(1, y[:, None]).squeeze(1)
 
 
 def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
@@ -45,10 +48,21 @@ def der_per_sample(logits_nat: Tensor, logits_adv: Tensor, y: Tensor, gamma: flo
     return (norm - gamma).clamp_min(0.0)
 
 
-def der_loss(logits_nat: Tensor, logits_adv: Tensor, y: Tensor, gamma: float, mask: Tensor | None = None) -> Tensor:
-    """Batch DER: mean of L_ΔE over the batch, or over `mask` (the AAEs of single-step AT); 0 if it is empty."""
+def aae_start_mask(logits_start: Tensor, logits_adv: Tensor, y: Tensor) -> Tensor:
+    """AAEs as AAER defines them for random-start single-step attacks: the loss after the step is below the loss
+    at the (random) starting point, CE(x*) < CE(x_start). For zero-init FGSM x_start = x: the same as `aae_mask`."""
+    return cross_entropy(logits_adv, y) < cross_entropy(logits_start, y)
+
+
+def der_loss(logits_nat: Tensor, logits_adv: Tensor, y: Tensor, gamma: float, mask: Tensor | None = None,
+             norm: str = "aae") -> Tensor:
+    """Batch DER: mean of L_ΔE over the batch; with `mask` (the AAEs of single-step AT) either the mean over the
+    AAEs (`norm="aae"`) or their sum over the batch size (`norm="batch"`, each AAE weighted like one sample of
+    multi-step DER). 0 (with a zero gradient) when no sample is selected."""
     per_sample = der_per_sample(logits_nat, logits_adv, y, gamma)
     if mask is None:
         return per_sample.mean()
-    # sum / count keeps the graph (and a zero gradient) when no sample is selected.
-    return (per_sample * mask).sum() / mask.sum().clamp_min(1)
+    if norm not in ("aae", "batch"):
+        raise ValueError(f"der_loss: norm {norm!r}; allowed: aae, batch")
+    denominator = mask.sum().clamp_min(1) if norm == "aae" else mask.numel()
+    return (per_sample * mask).sum() / denominator

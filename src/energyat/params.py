@@ -19,13 +19,16 @@ import yaml
 from .errors import UserError
 
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "svhn", "image-folder")
-METHODS = ("standard", "fgsm", "rs-fgsm", "n-fgsm", "pgd", "trades")
-SINGLE_STEP = ("fgsm", "rs-fgsm", "n-fgsm")
+METHODS = ("standard", "fgsm", "rs-fgsm", "n-fgsm", "gradalign", "pgd", "trades")
+SINGLE_STEP = ("fgsm", "rs-fgsm", "n-fgsm", "gradalign")
 MULTI_STEP = ("pgd", "trades")
 ARCHS = ("small-cnn", "preact-resnet18", "wrn-28-10", "wrn-34-10")
 SCHEDULES = ("piecewise", "cyclic", "constant")
 INITS = ("uniform", "gaussian", "pca-global", "pca-local")
 CHECKPOINTS = ("best", "last")
+AUGMENTATIONS = ("auto", "none", "crop", "crop-flip")
+AAE_DEFINITIONS = ("clean", "start")
+AAE_NORMS = ("aae", "batch")
 VARIANTS = ("base", "der")  # trained without / with DER
 
 
@@ -50,6 +53,15 @@ class DataCfg:
     download_root: str = "data/downloads"
     val_size: int = field(default=5000, metadata=_range(1))
     image_size: int = field(default=0, metadata=_range(0))  # image-folder only: resize to this side (0: keep)
+    # training-batch augmentation: random 4-pixel-padded crop (+ horizontal flip); auto: crop-flip for
+    # cifar10/cifar100, crop for svhn (digits must not be mirrored), none otherwise (fashion-mnist, image-folder)
+    augment: str = field(default="auto", metadata=_choice(*AUGMENTATIONS))
+
+    def augmentation(self) -> str:
+        """The augmentation `augment` stands for on this dataset."""
+        if self.augment != "auto":
+            return self.augment
+        return {"cifar10": "crop-flip", "cifar100": "crop-flip", "svhn": "crop"}.get(self.dataset, "none")
 
 
 @dataclass(frozen=True)
@@ -69,11 +81,19 @@ class DerCfg:
     gamma: float = field(default=0.0, metadata=_range(0.0))
     # multi-step methods only: k >= 1 -> DER on from epoch k (1-based); k < 0 -> on for the last |k| epochs
     start_epoch: int = 1
+    # single-step methods only: which samples are abnormal adversarial examples (AAEs) -- clean: CE(x*) < CE(x);
+    # start: CE(x*) < CE(x_start), the loss at the attack's random start (AAER's definition; = clean for FGSM)
+    aae: str = field(default="clean", metadata=_choice(*AAE_DEFINITIONS))
+    # how the AAE term is normalised -- aae: mean over the AAEs of the batch; batch: sum over AAEs / batch size
+    aae_norm: str = field(default="aae", metadata=_choice(*AAE_NORMS))
 
     def active(self, epoch: int, epochs: int) -> bool:
         """Whether DER is on in (1-based) `epoch` of a multi-step run lasting `epochs`."""
-        first = self.start_epoch if self.start_epoch > 0 else epochs + self.start_epoch + 1
-        return epoch >= first
+        return epoch >= self.first_epoch(epochs)
+
+    def first_epoch(self, epochs: int) -> int:
+        """The first (1-based) epoch with DER on in a multi-step run lasting `epochs`."""
+        return self.start_epoch if self.start_epoch > 0 else epochs + self.start_epoch + 1
 
 
 @dataclass(frozen=True)
@@ -91,9 +111,22 @@ class TrainCfg:
     alpha: float = field(default=0.0, metadata=_range(0.0, 1.0))  # 0: the method's default step
     steps: int = field(default=10, metadata=_range(1))  # pgd / trades inner steps
     trades_beta: float = field(default=6.0, metadata=_range(0.0))
+    # GradAlign weight: "auto" -> Andriushchenko & Flammarion's CIFAR-10 rule, log-linear in eps from 0.2 at
+    # 8/255 to 2.0 at 16/255 (eps clamped to that published range), or a number >= 0
+    gradalign_lambda: Any = "auto"
+    # natural-image diagnostics (E(x), dE, AAE fraction, train clean acc) on every k-th batch where they cost an
+    # extra forward pass (they are free for fgsm, gradalign, trades, standard and DER epochs); 0: off
+    diag_every: int = field(default=4, metadata=_range(0))
     n_val: int = field(default=1000, metadata=_range(1))  # validation images scored each epoch
     val_steps: int = field(default=10, metadata=_range(1))  # PGD steps of the per-epoch validation attack
     co_drop: float = field(default=0.5, metadata=_range(0.0, 1.0, lo_open=True))
+
+    def gradalign_weight(self) -> float:
+        """λ of the GradAlign term for this run's eps."""
+        if self.gradalign_lambda != "auto":
+            return float(self.gradalign_lambda)
+        eps = min(self.eps, 16 / 255)
+        return 0.2 * 10 ** ((eps - 8 / 255) / (8 / 255))
 
 
 @dataclass(frozen=True)
@@ -108,10 +141,11 @@ class RunCfg:
 
 @dataclass(frozen=True)
 class EvaluateCfg:
-    n_examples: int = field(default=100, metadata=_range(1))  # fixed first-n test subset (10000: all, GPU preset)
-    batch_size: int = field(default=250, metadata=_range(1))
-    pgd_steps: tuple[int, ...] = (20, 50)  # one PGD-k evaluation per entry, each with `restarts` random starts
-    restarts: int = field(default=10, metadata=_range(1))
+    n_examples: int = field(default=1000, metadata=_range(1))  # clean + PGD: the first n test images (10000: all)
+    aa_examples: int = field(default=100, metadata=_range(1))  # AutoAttack: the first aa_examples of those n
+    batch_size: int = field(default=250, metadata=_range(1))  # also the block of images a rank owns (torchrun)
+    pgd_steps: tuple[int, ...] = (50,)  # one PGD-k evaluation per entry, each with `restarts` random starts
+    restarts: int = field(default=3, metadata=_range(1))
     autoattack: bool = True
     checkpoints: tuple[str, ...] = field(default=CHECKPOINTS, metadata=_choice(*CHECKPOINTS))
 
@@ -122,6 +156,9 @@ class EvaluateCfg:
         if not self.checkpoints or len(set(self.checkpoints)) < len(self.checkpoints):
             raise ParamsError(f"evaluate.checkpoints: {list(self.checkpoints)!r} is not allowed; "
                               f"one or more distinct of {', '.join(CHECKPOINTS)}")
+        if self.aa_examples > self.n_examples:
+            raise ParamsError(f"evaluate.aa_examples: {self.aa_examples} is not allowed; AutoAttack runs on a prefix "
+                              f"of the evaluated images, at most evaluate.n_examples ({self.n_examples})")
 
 
 @dataclass(frozen=True)
@@ -175,6 +212,24 @@ class ScoreCfg:
     inception_weights: str = ""  # local Inception-v3 FID weights file; empty: the torch hub cache, else not computed
     batch_size: int = field(default=200, metadata=_range(1))
     n_reference: int = field(default=0, metadata=_range(0))  # training images FID compares against; 0: all
+    # the Inception pass (Inception FID, and Inception IS with torch-fidelity's weights): auto -> on under CUDA only
+    # (on 2 CPU threads it costs ~3 min per 1,000 images); true / false
+    inception_fid: bool | str = "auto"
+    # TF inception-2015-12-05 pool3 as TorchScript (`make inception`); empty: its copy in the torch hub cache
+    inception_fid_file: str = ""
+    inception_reference: int = field(default=0, metadata=_range(0))  # training images Inception FID compares against; 0: all
+
+    def __post_init__(self):
+        value = self.inception_fid
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            value = value.lower() == "true"
+        if value != "auto" and not isinstance(value, bool):
+            raise ParamsError(f"score.inception_fid: {value!r} is not allowed; allowed: auto, true, false")
+        object.__setattr__(self, "inception_fid", value)
+
+    def inception_on(self, device_type: str) -> bool:
+        """Whether the Inception pass runs on a `device_type` ("cuda" / "cpu") device."""
+        return self.inception_fid is True or (self.inception_fid == "auto" and device_type == "cuda")
 
 
 @dataclass(frozen=True)
@@ -222,6 +277,18 @@ class Params:
 
     def run_names(self) -> list[str]:
         return list(self.runs)
+
+    def check_data(self, counts: dict[str, int]) -> None:
+        """Values that only the prepared data can judge (`counts`: images per split, from data/prepared/meta.json).
+        A size beyond its split would otherwise be clipped silently and change what a number means."""
+        for name in ["standard", *self.runs]:
+            cfg, prefix = self.run(name).train, "standard" if name == "standard" else f"runs.{name}"
+            if cfg.n_val > counts["val"]:
+                raise ParamsError(f"{prefix}.n_val: {cfg.n_val} is not allowed; the validation split has "
+                                  f"{counts['val']} images (data.val_size)")
+            if cfg.n_train > counts["train"]:
+                raise ParamsError(f"{prefix}.n_train: {cfg.n_train} is not allowed; the training split has "
+                                  f"{counts['train']} images (0: all)")
 
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -355,10 +422,16 @@ def _resolve_run(name: str, overrides: dict, base: TrainCfg, der: DerCfg, model:
     model_over = overrides.pop("model", None) or {}
     model_cfg = _check_model(_build(ModelCfg, {**_as_raw(model), **model_over}, f"{prefix}.model"), f"{prefix}.model")
     train_raw = {**_as_raw(base), **overrides}
+    if train_raw["gradalign_lambda"] != "auto":
+        train_raw["gradalign_lambda"] = _as_float(f"{prefix}.gradalign_lambda", train_raw["gradalign_lambda"])
+        _check(f"{prefix}.gradalign_lambda", train_raw["gradalign_lambda"], _range(0.0))
     train = _build(TrainCfg, train_raw, prefix)
     der_cfg = _build(DerCfg, {**_as_raw(der), **der_over}, f"{prefix}.der")
-    if der_cfg.start_epoch == 0:
-        raise ParamsError(f"{prefix}.der.start_epoch: 0 is not allowed; k >= 1 (from epoch k) or k < 0 (last |k| epochs)")
+    k, epochs = der_cfg.start_epoch, train.epochs
+    if k == 0 or (train.method in MULTI_STEP and abs(k) > epochs):
+        # a start outside the run would silently mean "DER never on" or "DER on from the first epoch"
+        raise ParamsError(f"{prefix}.der.start_epoch: {k} is not allowed for {epochs} epochs; "
+                          f"1..{epochs} (from epoch k) or -{epochs}..-1 (the last |k| epochs)")
     if prefix == "standard" and train.method != "standard":
         raise ParamsError(f"standard.method: {train.method!r} is not allowed; allowed: standard")
     if prefix != "standard" and train.method == "standard":
@@ -368,6 +441,8 @@ def _resolve_run(name: str, overrides: dict, base: TrainCfg, der: DerCfg, model:
         raise ParamsError(f"{prefix}.eps: {train.eps!r} is not allowed; adversarial methods need eps > 0")
     if train.lr_schedule == "piecewise" and not all(0 < m < 1 for m in train.lr_milestones):
         raise ParamsError(f"{prefix}.lr_milestones: {train.lr_milestones!r} is not allowed; fractions in (0, 1)")
+    if list(train.lr_milestones) != sorted(train.lr_milestones):
+        raise ParamsError(f"{prefix}.lr_milestones: {list(train.lr_milestones)!r} is not allowed; increasing fractions")
     return RunCfg(name=name, train=train, der=der_cfg, model=model_cfg)
 
 

@@ -2,31 +2,35 @@
 
 `fit` touches no files: it reports every finished epoch to `on_epoch_end`, which the stage uses to
 write checkpoints, and it resumes from a state dict. Each epoch reseeds the RNGs from (seed, epoch),
-so a resumed run replays exactly the epochs an uninterrupted one would have.
+so a resumed run replays exactly the epochs an uninterrupted one would have. Under torchrun each rank
+trains its shard of every global batch through DistributedDataParallel (DESIGN.md §7).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
+from . import distributed
 from . import energy as E
 from .attacks import ATTACKS, Threat, default_alpha
-from .data import Split, batches, to_float
+from .data import Split, augment, batches, draw_augmentation, to_float
 from .errors import UserError
-from .methods import METHODS, Method
+from .methods import METHODS, bn_stats_frozen, gradalign_cosines
 from .params import RunCfg, TrainCfg
-from .runtime import autocast, progress
+from .runtime import autocast, log, progress
 
 HISTORY_COLUMNS = (
     "epoch", "lr", "train_loss", "train_clean_acc", "train_adv_acc", "val_clean_acc", "val_pgd_acc",
-    "E_nat", "E_adv", "dE_x", "dE_xy", "der", "aae_frac", "der_on", "seconds",
+    "E_nat", "E_adv", "dE_x", "dE_xy", "der", "aae_frac", "aae_start_frac", "der_on", "seconds",
 )
+VAL_BLOCK = 500  # validation images per seeded block (fixed, so any number of ranks gives the same numbers)
 
 
 def learning_rate(cfg: TrainCfg, t: float) -> float:
@@ -42,72 +46,95 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 100_003 + epoch
 
 
-@dataclass
-class BatchStats:
-    """Running sums of the per-sample diagnostics of one epoch."""
-
-    n: int = 0
-    loss: float = 0.0
-    clean_correct: int = 0
-    adv_correct: int = 0
-    e_nat: float = 0.0
-    e_adv: float = 0.0
-    de_x: float = 0.0
-    de_xy: float = 0.0
-    der: float = 0.0
-    aae: int = 0
-
-    def add(self, loss: Tensor, logits_nat: Tensor, logits_adv: Tensor | None, y: Tensor, der_value: Tensor | None):
-        b = y.shape[0]
-        self.n += b
-        self.loss += loss.item() * b
-        self.clean_correct += (logits_nat.argmax(1) == y).sum().item()
-        self.e_nat += E.energy(logits_nat).sum().item()
-        if logits_adv is not None:
-            d_x, d_xy = E.delta_energies(logits_nat, logits_adv, y)
-            self.adv_correct += (logits_adv.argmax(1) == y).sum().item()
-            self.e_adv += E.energy(logits_adv).sum().item()
-            self.de_x += d_x.sum().item()
-            self.de_xy += d_xy.sum().item()
-            self.aae += (d_x < d_xy).sum().item()
-            self.der += der_value.item() * b
-
-    def row(self, adversarial: bool) -> dict:
-        n, nan = max(self.n, 1), float("nan")
-        return {
-            "train_loss": self.loss / n,
-            "train_clean_acc": self.clean_correct / n,
-            "train_adv_acc": self.adv_correct / n if adversarial else nan,
-            "E_nat": self.e_nat / n,
-            "E_adv": self.e_adv / n if adversarial else nan,
-            "dE_x": self.de_x / n if adversarial else nan,
-            "dE_xy": self.de_xy / n if adversarial else nan,
-            "der": self.der / n if adversarial else nan,
-            "aae_frac": self.aae / n if adversarial else nan,
-        }
+# Per-epoch sums, kept on the device and read once per epoch. `n`: training images; `n_nat`: images whose natural
+# logits were computed (every batch, or every `diag_every`-th where they cost an extra forward); `n_start`: images
+# of a single-step attack's starting point.
+SUMS = ("n", "loss", "adv_correct", "n_nat", "clean_correct", "e_nat", "e_adv", "de_x", "de_xy", "der", "aae",
+        "n_start", "aae_start")
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, method: Method, threat: Threat,
-               cfg: TrainCfg, der_weight: float, gamma: float, device: torch.device, stats: BatchStats) -> None:
-    """One optimiser step of `method`, plus λ·DER when `der_weight` > 0."""
-    with autocast(device):
-        x_adv = ATTACKS[method.attack](model, x, y, threat) if method.attack else None
-        grad_nat = method.needs_natural_grad or der_weight > 0
-        with torch.set_grad_enabled(grad_nat):
-            logits_nat = model(x)
-        logits_adv = model(x_adv) if x_adv is not None else None
-        loss = method.loss(logits_nat, logits_adv, y, cfg)
-        der_value = None
-        if logits_adv is not None:
-            mask = E.aae_mask(logits_nat, logits_adv, y) if method.single_step else None
-            der_value = E.der_loss(logits_nat.float(), logits_adv.float(), y, gamma, mask)
-            if der_weight > 0:
-                loss = loss + der_weight * der_value
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    stats.add(loss.detach(), logits_nat.detach().float(), None if logits_adv is None else logits_adv.detach().float(),
-              y, None if der_value is None else der_value.detach())
+def history_row(sums: dict[str, float], adversarial: bool) -> dict:
+    """The training-batch columns of one epoch's history row from its SUMS (NaN where nothing was measured)."""
+    def mean(key: str, count: str) -> float:
+        return sums[key] / sums[count] if sums[count] else float("nan")
+
+    nat_adv = adversarial and sums["n_nat"] > 0
+    return {
+        "train_loss": mean("loss", "n"),
+        "train_clean_acc": mean("clean_correct", "n_nat"),
+        "train_adv_acc": mean("adv_correct", "n") if adversarial else float("nan"),
+        "E_nat": mean("e_nat", "n_nat"),
+        **{col: mean(key, "n_nat") if nat_adv else float("nan")
+           for col, key in (("E_adv", "e_adv"), ("dE_x", "de_x"), ("dE_xy", "de_xy"), ("der", "der"),
+                            ("aae_frac", "aae"))},
+        "aae_start_frac": mean("aae_start", "n_start"),
+    }
+
+
+class Objective(nn.Module):
+    """One training step's loss as a module, so that DistributedDataParallel wraps exactly one forward per step
+    (attack, natural and adversarial forwards, DER and GradAlign's double backprop all happen inside it).
+    Returns the loss and this shard's diagnostic SUMS (device tensors; the image counts as ints).
+
+    Losses are sums over this rank's shard scaled by world / global batch: DDP's gradient average then equals
+    the gradient of the global-batch mean, whatever the shard sizes.
+    """
+
+    def __init__(self, model: nn.Module, run: RunCfg):
+        super().__init__()
+        self.model = model
+        self.cfg, self.der = run.train, run.der
+        self.method = METHODS[run.train.method]
+        self.threat = self.method.threat(run.train)
+
+    def forward(self, x: Tensor, y: Tensor, noise: Tensor | None, der_on: bool, diagnose: bool,
+                global_batch: int) -> tuple[Tensor, dict[str, Tensor]]:
+        m, cfg, der, model = self.method, self.cfg, self.der, self.model
+        world = distributed.context().world
+        scale = world / global_batch
+        adv = m.attack(model, x, y, self.threat, noise, der_on and m.natural_from_attack)
+        logits_nat = adv.logits_nat
+        nat_grad = m.natural_trains or der_on
+        if logits_nat is None and (nat_grad or diagnose):
+            # a forward the method itself does not make must not move BatchNorm's running statistics
+            frozen = contextlib.nullcontext() if m.natural_trains else bn_stats_frozen(model)
+            with frozen, torch.set_grad_enabled(nat_grad):
+                logits_nat = model(x)
+        logits_adv = model(adv.x_adv) if adv.x_adv is not None else None
+        loss = m.loss(logits_nat, logits_adv, y, cfg).sum() * scale
+        if m.name == "gradalign":
+            cos, valid = gradalign_cosines(model, x, y, cfg.eps, adv.grad_nat, noise)
+            count = distributed.all_sum(valid.sum().float()).clamp_min(1)
+            loss = loss + cfg.gradalign_weight() * (1 - (cos * valid).sum() * world / count)
+
+        sums = {"adv_correct": (logits_adv.argmax(1) == y).sum() if logits_adv is not None else None}
+        measured = diagnose and logits_nat is not None
+        if logits_adv is not None and (der_on or measured):
+            per_sample = E.der_per_sample(logits_nat, logits_adv, y, der.gamma)
+            mask = None
+            if m.single_step:
+                mask = (E.aae_start_mask(adv.logits_start, logits_adv, y) if der.aae == "start"
+                        else E.aae_mask(logits_nat, logits_adv, y))
+                per_sample = per_sample * mask
+            if der_on:
+                if mask is not None and der.aae_norm == "aae":
+                    denominator = distributed.all_sum(mask.sum().float()).clamp_min(1) / world
+                else:
+                    denominator = global_batch / world
+                loss = loss + der.lam * per_sample.sum() / denominator
+            if measured:
+                d_x, d_xy = E.delta_energies(logits_nat.detach(), logits_adv.detach(), y)
+                sums.update(e_adv=E.energy(logits_adv.detach()).sum(), de_x=d_x.sum(), de_xy=d_xy.sum(),
+                            der=per_sample.detach().sum(), aae=(d_x < d_xy).sum())
+        if measured:
+            logits = logits_nat.detach()
+            sums.update(clean_correct=(logits.argmax(1) == y).sum(), e_nat=E.energy(logits).sum())
+        if adv.logits_start is not None and logits_adv is not None:
+            sums["aae_start"] = E.aae_start_mask(adv.logits_start, logits_adv.detach(), y).sum()
+        sums["loss"] = loss.detach() * (global_batch / world)  # summed over ranks: the global mean × batch
+        n = y.shape[0]
+        sums.update(n=n, n_nat=n if measured else 0, n_start=n if "aae_start" in sums else 0)
+        return loss, {k: v for k, v in sums.items() if v is not None}
 
 
 @torch.no_grad()
@@ -115,44 +142,102 @@ def _predict(model: nn.Module, x: Tensor) -> Tensor:
     return model(x).argmax(1)
 
 
-def validate(model: nn.Module, val: Split, cfg: TrainCfg, device: torch.device, batch_size: int = 500) -> tuple[float, float]:
-    """Clean and PGD-`val_steps` accuracy (one restart) on the first `n_val` validation images, eval mode."""
+def validate(model: nn.Module, val: Split, cfg: TrainCfg, device: torch.device, seed: int,
+             block: int = VAL_BLOCK) -> tuple[float, float]:
+    """Clean and PGD-`val_steps` accuracy (one restart) on the first `n_val` validation images, eval mode.
+    Each block of images draws its random starts from its own generator seeded by (seed, block), and the ranks
+    split the blocks: the numbers do not depend on how many ranks there are."""
     was_training = model.training
     model.eval()
     threat = Threat(eps=cfg.eps, alpha=default_alpha("pgd", cfg.eps, cfg.val_steps), steps=cfg.val_steps)
-    x_all, y_all = val.x[: cfg.n_val], val.y[: cfg.n_val]
-    clean = robust = 0
-    for xb, yb in batches(x_all, y_all, batch_size):
-        x, y = to_float(xb, device), yb.to(device)
+    counts = torch.zeros(2, device=device)
+    for b, rows in distributed.owned_blocks(cfg.n_val, block):
+        x, y = to_float(val.x[rows], device), val.y[rows].to(device)
+        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b)
         with autocast(device):
-            clean += (_predict(model, x) == y).sum().item()
+            counts[0] += (_predict(model, x) == y).sum()
             if cfg.eps > 0:
-                robust += (_predict(model, ATTACKS["pgd"](model, x, y, threat)) == y).sum().item()
+                counts[1] += (_predict(model, ATTACKS["pgd"](model, x, y, threat, generator=gen)) == y).sum()
+    clean, robust = (distributed.all_sum(counts) / cfg.n_val).tolist()
     model.train(was_training)
-    n = x_all.shape[0]
-    return clean / n, (robust / n if cfg.eps > 0 else float("nan"))
+    return clean, (robust if cfg.eps > 0 else float("nan"))
 
 
 def make_optimizer(model: nn.Module, cfg: TrainCfg) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=cfg.lr_max, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
+class Trainer:
+    """The model, its optimiser and the step of `run`'s method on this rank (DDP-wrapped under torchrun).
+
+    Randomness of a step (attack starts, augmentation) is drawn for the whole global batch from a generator that
+    every rank seeds alike, then sliced to the rank's shard: N ranks train exactly what one process would.
+    """
+
+    def __init__(self, model: nn.Module, run: RunCfg, device: torch.device, augmentation: str = "none"):
+        self.run, self.cfg, self.device, self.augmentation = run, run.train, device, augmentation
+        self.method = METHODS[run.train.method]
+        ctx = distributed.context()
+        model.to(device)
+        if device.type == "cuda":
+            model.to(memory_format=torch.channels_last)
+        if ctx.distributed and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            if device.type == "cuda":
+                # the global batch's statistics, as on one GPU (the paper's recipe), instead of each shard's
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            else:
+                log(f"{run.name}: BatchNorm with {ctx.world} CPU ranks normalises per rank (SyncBatchNorm needs "
+                    "CUDA); results differ from one process")
+        self.model = model
+        self.objective = Objective(model, run)
+        self.step_module: nn.Module = self.objective
+        if ctx.distributed:
+            self.step_module = DistributedDataParallel(
+                self.objective, device_ids=[device.index] if device.type == "cuda" else None)
+        self.optimizer = make_optimizer(model, run.train)
+
+    def step(self, xb: Tensor, yb: Tensor, lr: float, der_on: bool, diagnose: bool,
+             gen: torch.Generator) -> dict[str, Tensor]:
+        """One optimiser step on the global batch (uint8 images `xb`, labels `yb`, on the device); returns this
+        rank's diagnostic SUMS."""
+        b = yb.shape[0]
+        part = distributed.shard(b)
+        aug = draw_augmentation(b, self.augmentation, gen, self.device)
+        xb = xb[part] if aug is None else augment(xb[part], aug[part])
+        noise = None
+        if self.method.noise is not None:
+            shape = (b, *xb.shape[1:])
+            noise = (torch.randn(shape, generator=gen, device=self.device) if self.method.noise == "normal" else
+                     torch.rand(shape, generator=gen, device=self.device).mul_(2).sub_(1))[part]
+        x, y = to_float(xb, self.device), yb[part]
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with autocast(self.device):
+            loss, sums = self.step_module(x, y, noise, der_on, diagnose, b)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return sums
+
+
 EpochCallback = Callable[[dict], None]
 
 
 def fit(model: nn.Module, train: Split, val: Split, run: RunCfg, use_der: bool, device: torch.device, seed: int,
-        resume: dict | None = None, on_epoch_end: EpochCallback | None = None) -> list[dict]:
+        resume: dict | None = None, on_epoch_end: EpochCallback | None = None, augmentation: str = "none"
+        ) -> list[dict]:
     """Train `model` for `run.train.epochs` epochs; returns the per-epoch history (rows of HISTORY_COLUMNS).
 
     `resume`: {"epoch", "history", "model", "optimizer"} as passed to `on_epoch_end` after an earlier epoch.
-    `on_epoch_end` receives that dict plus "row" and "is_best" after every epoch.
+    `on_epoch_end` receives that dict plus "row" and "is_best" after every epoch, on every rank (the caller
+    writes on rank 0). A DER run's best epoch is chosen among its epochs with DER on, so that its `best`
+    checkpoint is always a DER model.
     """
-    cfg, method = run.train, METHODS[run.train.method]
-    threat = method.threat(cfg)
-    model.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    opt = make_optimizer(model, cfg)
+    cfg = run.train
+    trainer = Trainer(model, run, device, augmentation)
+    method, opt = trainer.method, trainer.optimizer
     history: list[dict] = []
     start = 0
     if resume is not None:
@@ -160,8 +245,9 @@ def fit(model: nn.Module, train: Split, val: Split, run: RunCfg, use_der: bool, 
         opt.load_state_dict(resume["optimizer"])
         history, start = list(resume["history"]), int(resume["epoch"])
     # checkpoint selection: validation PGD accuracy for adversarial training, clean accuracy for `standard`
-    select = "val_pgd_acc" if method.attack else "val_clean_acc"
-    best = max((r[select] for r in history), default=-1.0)
+    select = "val_pgd_acc" if method.adversarial else "val_clean_acc"
+    eligible = (lambda r: bool(r["der_on"])) if use_der else (lambda r: True)
+    best = max((r[select] for r in history if eligible(r)), default=-1.0)
 
     x_train, y_train = train.x, train.y
     if cfg.n_train:
@@ -170,32 +256,36 @@ def fit(model: nn.Module, train: Split, val: Split, run: RunCfg, use_der: bool, 
     steps_per_epoch = math.ceil(x_train.shape[0] / cfg.batch_size)
     bar = progress(total=cfg.epochs, initial=start, desc=f"{run.name} epochs")
     for epoch in range(start + 1, cfg.epochs + 1):
-        torch.manual_seed(epoch_seed(seed, epoch))
-        gen = torch.Generator(device="cpu").manual_seed(epoch_seed(seed, epoch))
-        der_on = use_der and method.attack is not None and (method.single_step or run.der.active(epoch, cfg.epochs))
-        der_weight = run.der.lam if der_on else 0.0
-        stats, t0 = BatchStats(), time.perf_counter()
+        es = epoch_seed(seed, epoch)
+        torch.manual_seed(es)
+        order_gen = torch.Generator(device="cpu").manual_seed(es)
+        step_gen = torch.Generator(device=device).manual_seed(es)
+        der_on = use_der and method.adversarial and (method.single_step or run.der.active(epoch, cfg.epochs))
+        # natural logits come free with these; elsewhere they cost a forward, paid every `diag_every`-th batch
+        free = method.natural_from_attack or method.natural_trains or der_on
+        acc: dict[str, Tensor | int] = {}
+        t0 = time.perf_counter()
         model.train()
-        inner = progress(batches(x_train, y_train, cfg.batch_size, shuffle=True, generator=gen),
+        inner = progress(batches(x_train, y_train, cfg.batch_size, shuffle=True, generator=order_gen),
                          total=steps_per_epoch, desc=f"epoch {epoch}")
         for i, (xb, yb) in enumerate(inner):
+            diagnose = cfg.diag_every > 0 and (free or i % cfg.diag_every == 0)
             lr = learning_rate(cfg, epoch - 1 + i / steps_per_epoch)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            x = to_float(xb, device)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            train_step(model, opt, x, yb, method, threat, cfg, der_weight, run.der.gamma, device, stats)
+            for k, v in trainer.step(xb, yb, lr, der_on, diagnose, step_gen).items():
+                acc[k] = acc.get(k, 0) + v  # device tensors stay on the device: no sync per step
         if not all(torch.isfinite(p).all() for p in model.parameters()):
             raise UserError(f"{run.name}: weights became non-finite in epoch {epoch}; lower lr_max (now {cfg.lr_max})")
-        val_clean, val_pgd = validate(model, val, cfg, device)
+        sums = torch.stack([torch.as_tensor(acc.get(k, 0), device=device, dtype=torch.float64) for k in SUMS])
+        totals = dict(zip(SUMS, distributed.all_sum(sums).tolist()))
+        val_clean, val_pgd = validate(model, val, cfg, device, es)
         # lr at mid-epoch: for piecewise schedules, the LR the whole epoch used
-        row = {"epoch": epoch, "lr": learning_rate(cfg, epoch - 0.5), **stats.row(method.attack is not None),
+        row = {"epoch": epoch, "lr": learning_rate(cfg, epoch - 0.5), **history_row(totals, method.adversarial),
                "val_clean_acc": val_clean, "val_pgd_acc": val_pgd, "der_on": int(der_on),
                "seconds": time.perf_counter() - t0}
         history.append({k: row[k] for k in HISTORY_COLUMNS})
-        is_best = row[select] > best
-        best = max(best, row[select])
+        is_best = eligible(row) and row[select] > best
+        if is_best:
+            best = row[select]
         bar.update(1)
         bar.set_postfix(clean=f"{val_clean:.3f}", pgd=f"{val_pgd:.3f}", aae=f"{row['aae_frac']:.2f}")
         if on_epoch_end is not None:
@@ -209,9 +299,10 @@ RO_WINDOW = 5  # epochs per mean of the smoothed robust-overfitting gap
 
 
 def summarize(history: list[dict], num_classes: int, co_drop: float, adversarial: bool = True,
-              window: int = RO_WINDOW) -> dict:
+              window: int = RO_WINDOW, der: bool = False) -> dict:
     """Run-level metrics from the per-epoch history: final/best validation accuracies, CO, divergence, RO gap.
-    A non-adversarial run (`adversarial=False`) is selected by clean accuracy and has no CO / RO verdict.
+    A non-adversarial run (`adversarial=False`) is selected by clean accuracy and has no CO / RO verdict; a DER
+    run's best epoch is chosen among its epochs with DER on (as its `best` checkpoint is).
 
     Catastrophic overfitting: validation PGD accuracy falls below both `co_drop` × its best so far and chance level,
     while clean accuracy stays above twice chance; a clean accuracy falling back near chance (below twice chance,
@@ -232,7 +323,7 @@ def summarize(history: list[dict], num_classes: int, co_drop: float, adversarial
             co_epoch = r["epoch"]
         best_so_far = max(best_so_far, r["val_pgd_acc"])
     key = "val_pgd_acc" if adversarial else "val_clean_acc"
-    best = max(history, key=lambda r: r[key])
+    best = max((r for r in history if not der or r["der_on"]), key=lambda r: r[key])
     last = history[-1]
     pgd = [r["val_pgd_acc"] for r in history]
     w = min(window, len(pgd))

@@ -11,13 +11,12 @@ import math
 import shutil
 from pathlib import Path
 
-from .. import checkpoint
+from .. import checkpoint, distributed, imports
 from ..artifacts import load_torch, save_torch, write_json, write_text
 from ..data import load_prepared
 from ..params import Params, as_dict
 from ..runtime import log, setup
 from ..train import HISTORY_COLUMNS, fit, summarize
-
 
 
 def history_tsv(history: list[dict]) -> str:
@@ -35,25 +34,25 @@ def _json_safe(d: dict) -> dict:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
 
 
-# a saved state is resumed only by the code that wrote it: the same params under changed training code restart
-TRAINING_CODE = ("train.py", "methods.py", "attacks.py", "energy.py", "models.py", "stages/train.py")
-
-
 def _code_digest() -> str:
-    root = Path(__file__).resolve().parents[1]
-    return hashlib.sha256(b"".join((root / name).read_bytes() for name in TRAINING_CODE)).hexdigest()[:16]
+    """A saved state is resumed only by the code that wrote it: the same params under changed training code
+    restart. The files are this stage's import closure, the same set dvc.yaml lists as its deps."""
+    return hashlib.sha256(b"".join(p.read_bytes() for p in imports.stage_closure("train"))).hexdigest()[:16]
 
 
 def run(params: Params, run_name: str, variant: str) -> None:
     rc = params.variant_run(run_name, variant)
     device = setup(params)
+    main = distributed.context().main
     splits, data_meta = load_prepared()
+    params.check_data(data_meta["counts"])
+    augmentation = params.data.augmentation()
 
     use_der = variant == "der"
     config = {
         "seed": params.seed, "model": as_dict(rc.model), "train": as_dict(rc.train),
         "der": as_dict(rc.der) if use_der else None, "data": data_meta["files"], "device": device.type,
-        "code": _code_digest(),
+        "augmentation": augmentation, "code": _code_digest(),
     }
     config_hash = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
     out = Path("models") / variant / run_name
@@ -69,19 +68,23 @@ def run(params: Params, run_name: str, variant: str) -> None:
             log(f"train {run_name}/{variant}: resuming after epoch {state['epoch']}/{rc.train.epochs}")
         else:
             log(f"train {run_name}/{variant}: params changed since the saved state; starting afresh")
-    if resume is None and out.exists():
+    if resume is None and out.exists() and main:
         shutil.rmtree(out)
+    distributed.barrier()  # no rank reads or writes the run's folder before rank 0 has cleared it
 
     meta = {
         **checkpoint.model_meta(rc.model, data_meta), "run": run_name, "variant": variant,
         "method": rc.train.method, "eps": rc.train.eps, "config_hash": config_hash,
-        "der": as_dict(rc.der) if use_der else None,
+        "der": as_dict(rc.der) if use_der else None, "augmentation": augmentation,
     }
     model = checkpoint.new_model(meta)
 
     def on_epoch_end(s: dict) -> None:
+        if not main:
+            return
         row = s["row"]
-        tag = {**meta, "epoch": row["epoch"], "val_clean_acc": row["val_clean_acc"], "val_pgd_acc": row["val_pgd_acc"]}
+        tag = {**meta, "epoch": row["epoch"], "val_clean_acc": row["val_clean_acc"], "val_pgd_acc": row["val_pgd_acc"],
+               "der_on": bool(row["der_on"])}
         checkpoint.save(out / "last.pt", s["model"], _json_safe(tag))
         if s["is_best"]:
             checkpoint.save(out / "best.pt", s["model"], _json_safe(tag))
@@ -91,8 +94,12 @@ def run(params: Params, run_name: str, variant: str) -> None:
             f"val clean {row['val_clean_acc']:.3f} pgd {row['val_pgd_acc']:.3f} "
             f"aae {row['aae_frac']:.3f} dE(x) {row['dE_x']:.3f} ({row['seconds']:.0f}s)")
 
-    history = fit(model, splits["train"], splits["val"], rc, use_der, device, params.seed, resume, on_epoch_end)
-    summary = summarize(history, data_meta["num_classes"], rc.train.co_drop, adversarial=rc.train.method != "standard")
+    history = fit(model, splits["train"], splits["val"], rc, use_der, device, params.seed, resume, on_epoch_end,
+                  augmentation=augmentation)
+    if not main:
+        return
+    summary = summarize(history, data_meta["num_classes"], rc.train.co_drop, adversarial=rc.train.method != "standard",
+                        der=use_der)
     write_text(history_path, history_tsv(history))
     write_json(metrics_path, _json_safe({"run": run_name, "variant": variant, "method": rc.train.method,
                                          "eps": rc.train.eps, **summary}))
