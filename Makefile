@@ -18,6 +18,12 @@ test: install data-source
 bench: install data-source
 	python -m energyat bench
 
+# Seeds pooled from the DVC experiments into metrics/seeds.{md,json} (README "Seeds and intervals");
+# ARGS is passed on: experiment names or globs to pool, or --co-study for metrics/co_study.{md,json}.
+.PHONY: aggregate
+aggregate: install
+	python -m energyat aggregate $(ARGS)
+
 install: $(STAMP)
 
 $(STAMP): pyproject.toml

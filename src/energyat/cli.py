@@ -29,6 +29,7 @@ STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "score": ("score", ()),
     "report": ("report", ()),
     "bench": ("bench", ()),
+    "aggregate": ("aggregate", ("names...", "--co-study")),  # not a dvc.yaml stage: reads `dvc exp show`
 }
 
 
@@ -40,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="stage", required=True, metavar="stage")
     for name, (_, args) in STAGES.items():
         p = sub.add_parser(name)
-        for arg in args:
-            p.add_argument(arg)
+        for arg in args:  # "name...": zero or more values; "--flag": an on/off switch
+            kind = {"nargs": "*"} if arg.endswith("...") else {"action": "store_true"} if arg.startswith("--") else {}
+            p.add_argument(arg.rstrip("."), **kind)
     argv = sys.argv[1:] if argv is None else argv
     ns = parser.parse_args(argv)
     from . import distributed
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             if nproc > 1:
                 return _launch(ns.stage, nproc, params.threads, argv)
         module = importlib.import_module(f"energyat.stages.{STAGES[ns.stage][0]}")
-        module.run(params, *[getattr(ns, a) for a in STAGES[ns.stage][1]])
+        module.run(params, *[getattr(ns, a.strip("-.").replace("-", "_")) for a in STAGES[ns.stage][1]])
     except UserError as exc:
         if os.environ.get(LAUNCHED):
             _record(exc)

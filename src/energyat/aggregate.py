@@ -1,0 +1,397 @@
+"""Seeds as DVC experiments: which experiments pool, and mean ± std with a 95 % t-interval per metric key.
+
+Pure functions over the JSON of `dvc exp show --json` (DVC 3.x: a list of baseline commits, each with its
+`experiments`, each with `revs[0].data.{params,metrics}`; per file either `{"data": ...}` or `{"error": ...}`).
+
+- An experiment is a candidate when it finished and has at least one readable metrics file. The workspace row is
+  never one (it is HEAD plus uncommitted edits); the HEAD commit itself is one, pooled like any experiment when
+  its params equal a group's except `seed` (the committed default run is seed 0 of the queued seeds).
+- A group is the candidates whose params (all params files, flattened) are equal except `seed`; within a group a
+  seed counts once (the newest experiment with it).
+- Per metric key (metrics file + flattened key): numbers give n, mean, sample std and the Student-t 95 % interval
+  of the mean over seeds (`stats.t_interval`); booleans give how many seeds were true.
+- Robust overfitting (multi-step runs of the experiments' `runs`, read from `metrics/eval/<run>.<variant>.json`):
+  the best − last gap per variant and the DER gain on the last checkpoint, paired across seeds (`stats.paired_t`),
+  and per seed on the same test images (exact McNemar from the per-example flags, where they are readable).
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass
+from fractions import Fraction
+
+from . import stats
+from .errors import UserError
+from .params import VARIANTS
+from .report import METHOD_NAMES, family
+
+PARAMS_FILE = "params.yaml"
+SEED = "seed"
+EVAL = "metrics/eval/{run}.{variant}.json"
+TRAIN = "metrics/train/{run}.{variant}.json"
+SUMMARY = "metrics/summary.json"
+WILSON_BOUNDS = ("_acc_lo", "_acc_hi")  # one seed's interval bounds: in seeds.json, not in the seeds.md tables
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str          # the experiment's name (`dvc exp run -n`), or the branch name / short rev of HEAD
+    rev: str           # its commit
+    baseline: str      # the commit it was run from (itself for HEAD)
+    timestamp: str     # ISO time of its commit ("" when unknown)
+    params: dict       # params file -> its nested params
+    metrics: dict      # metrics file -> flat {key: value}
+
+    @property
+    def flat_params(self) -> dict:
+        return flat_params(self.params)
+
+    @property
+    def seed(self):
+        return self.flat_params.get(SEED)
+
+
+@dataclass(frozen=True)
+class Group:
+    members: tuple[Experiment, ...]  # ordered by seed
+
+    @property
+    def params(self) -> dict:
+        """The params every member shares (all but `seed`)."""
+        return {k: v for k, v in self.members[0].flat_params.items() if k != SEED}
+
+    @property
+    def id(self) -> str:
+        return hashlib.sha1(json.dumps(self.params, sort_keys=True).encode()).hexdigest()[:8]
+
+    @property
+    def seeds(self) -> list:
+        return [m.seed for m in self.members]
+
+    def runs(self) -> dict[str, dict]:
+        return runs_of(self.members[0].params.get(PARAMS_FILE, {}))
+
+
+def runs_of(raw: dict) -> dict[str, dict]:
+    """run -> {"method", "eps", "der", "overrides"} from an experiment's params.yaml as written: the run's own value,
+    else `train`'s. Not validated by today's params.py, which may reject params of experiments run before a key
+    was added."""
+    train = raw.get("train") or {}
+    out = {}
+    for run, over in (raw.get("runs") or {}).items():
+        over = over or {}
+        eps = over.get("eps", train.get("eps"))
+        out[run] = {"method": over.get("method", train.get("method")), "der": over.get("der") or {}, "overrides": over,
+                    "eps": float(Fraction(str(eps))) if isinstance(eps, str) else eps}
+    return out
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def flat_params(params: dict) -> dict:
+    """Dotted keys of every params file; keys of a file other than params.yaml carry `<file>:`."""
+    out = {}
+    for file, values in params.items():
+        out.update(flatten(values, "" if file == PARAMS_FILE else f"{file}:"))
+    return out
+
+
+def _file_data(files: dict | None) -> dict:
+    """{file: data} of the files DVC could read (`{"data": ...}`), leaving out `{"error": ...}` entries."""
+    return {f: v["data"] for f, v in (files or {}).items() if isinstance(v, dict) and "data" in v}
+
+
+def experiments(show: list[dict], head: str | None) -> tuple[list[Experiment], list[str]]:
+    """Candidates from `dvc exp show --json` (the HEAD commit `head` included), and one note per experiment
+    left out (queued, running, failed, or without metrics)."""
+    found, notes = [], []
+    for entry in show:
+        base = entry.get("rev")
+        if base == "workspace":
+            continue
+        rows = [(entry.get("name") or base[:7], entry)] if base == head else []
+        for exp in entry.get("experiments") or []:
+            state = (exp.get("executor") or {}).get("state")
+            rev = (exp.get("revs") or [{}])[0]
+            name = exp.get("name") or rev.get("name") or str(rev.get("rev", "?"))[:7]
+            if state in ("queued", "running", "failed") or rev.get("error"):
+                notes.append(f"{name}: skipped ({state or (rev.get('error') or {}).get('msg', 'error')})")
+                continue
+            rows.append((name, rev))
+        for name, row in rows:
+            data = row.get("data") or {}
+            metrics = {f: flatten(d) for f, d in _file_data(data.get("metrics")).items() if isinstance(d, dict)}
+            if not metrics:
+                notes.append(f"{name}: skipped (no metrics)")
+                continue
+            found.append(Experiment(name=name, rev=row.get("rev") or data.get("rev"), baseline=base,
+                                    timestamp=data.get("timestamp") or "", params=_file_data(data.get("params")),
+                                    metrics=metrics))
+    return found, notes
+
+
+def select(exps: list[Experiment], names: list[str]) -> list[Experiment]:
+    """The experiments matching `names`: an experiment name, a glob over names (`co-*`) or a rev prefix
+    (≥ 4 hex digits); every name must match something."""
+    chosen: dict[str, Experiment] = {}
+    for pattern in names:
+        hits = [e for e in exps if fnmatch.fnmatchcase(e.name, pattern)
+                or (re.fullmatch(r"[0-9a-f]{4,40}", pattern) and e.rev.startswith(pattern))]
+        if not hits:
+            known = ", ".join(e.name for e in exps[:8]) + (", ..." if len(exps) > 8 else "")
+            raise UserError(f"{pattern}: no finished experiment with metrics matches (candidates: {known or 'none'})")
+        chosen.update({e.rev: e for e in hits})
+    return list(chosen.values())
+
+
+def differing(exps: list[Experiment], ignore: tuple[str, ...] = (SEED,)) -> list[str]:
+    """The flattened params whose values are not the same in all of `exps` (`ignore`d keys left out)."""
+    flats = [e.flat_params for e in exps]
+    keys = sorted({k for f in flats for k in f} - set(ignore))
+    return [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flats}) > 1]
+
+
+def _one_per_seed(members: list[Experiment]) -> tuple[list[Experiment], list[str]]:
+    """One experiment per seed (the newest), ordered by seed; notes for the ones left out."""
+    by_seed: dict[str, Experiment] = {}
+    notes = []
+    for e in sorted(members, key=lambda e: e.timestamp, reverse=True):
+        key = json.dumps(e.seed)
+        if key in by_seed:
+            notes.append(f"{e.name}: skipped (seed {e.seed} already pooled from {by_seed[key].name}, newer)")
+        else:
+            by_seed[key] = e
+    return sorted(by_seed.values(), key=lambda e: (str(type(e.seed)), e.seed)), notes
+
+
+def group(exps: list[Experiment], min_members: int = 2) -> tuple[list[Group], list[str]]:
+    """Experiments whose params differ only in `seed`, one group per params setting (groups with fewer than
+    `min_members` seeds are left out), in the order of their first member; and notes."""
+    buckets: dict[str, list[Experiment]] = {}
+    for e in exps:
+        key = json.dumps({k: v for k, v in e.flat_params.items() if k != SEED}, sort_keys=True)
+        buckets.setdefault(key, []).append(e)
+    groups, notes = [], []
+    for members in buckets.values():
+        members, dup_notes = _one_per_seed(members)
+        notes += dup_notes
+        if len(members) >= min_members:
+            groups.append(Group(tuple(members)))
+        else:
+            notes.append(f"{', '.join(m.name for m in members)}: not pooled (no other seed with the same params)")
+    return groups, notes
+
+
+def pool(exps: list[Experiment]) -> Group:
+    """Exactly these experiments as one group; refused (UserError) when params other than `seed` differ or a
+    seed repeats."""
+    if len(exps) < 2:
+        raise UserError(f"pooling needs at least two experiments, got {len(exps)}")
+    if diff := differing(exps):
+        shown = ", ".join(diff[:6]) + (f" and {len(diff) - 6} more" if len(diff) > 6 else "")
+        raise UserError(f"refusing to pool {', '.join(e.name for e in exps)}: params other than seed differ ({shown})")
+    seeds = [json.dumps(e.seed) for e in exps]
+    if len(set(seeds)) < len(seeds):
+        dup = next(s for s in seeds if seeds.count(s) > 1)
+        raise UserError(f"refusing to pool {', '.join(e.name for e in exps if json.dumps(e.seed) == dup)}: "
+                        f"same seed {dup}")
+    return Group(tuple(sorted(exps, key=lambda e: (str(type(e.seed)), e.seed))))
+
+
+def labels(groups: list[Group]) -> list[str]:
+    """What sets each group apart from the others (`train.eps=0.2`), "" when there is one group."""
+    if len(groups) < 2:
+        return ["" for _ in groups]
+    keys = differing([g.members[0] for g in groups])
+    return [", ".join(f"{k}={json.dumps(g.params.get(k))}" for k in keys) for g in groups]
+
+
+def _number(v) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+def finite(v):
+    """NaN (the std of one seed, a p-value without spread) -> None, so that the JSON stays strict."""
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def _clean(d: dict) -> dict:
+    return {k: finite(v) for k, v in d.items()}
+
+
+def summarize(values: list) -> dict | None:
+    """Seed statistics of one metric key (`values`: one per seed, None where a seed lacks it): numbers ->
+    t_interval fields; booleans -> {"n", "true"}; None when no seed has a number or a boolean."""
+    if (flags := [v for v in values if isinstance(v, bool)]) and len(flags) == sum(v is not None for v in values):
+        return {"n": len(flags), "true": sum(flags), "values": values}
+    nums = [x for v in values if (x := _number(v)) is not None]
+    if not nums:
+        return None
+    return {**_clean(stats.t_interval(nums)), "values": [_number(v) for v in values]}
+
+
+def metric_stats(g: Group) -> dict[str, dict[str, dict]]:
+    """metrics file -> key -> :func:`summarize` over the group's seeds (keys in first-seen order)."""
+    out: dict[str, dict[str, dict]] = {}
+    files = list(dict.fromkeys(f for m in g.members for f in m.metrics))
+    for f in files:
+        keys = list(dict.fromkeys(k for m in g.members for k in m.metrics.get(f, {})))
+        per_key = {k: s for k in keys if (s := summarize([m.metrics.get(f, {}).get(k) for m in g.members]))}
+        if per_key:
+            out[f] = per_key
+    return out
+
+
+# ------------------------------------------------------------------------------------------ robust overfitting
+
+def flag_vector(flags: dict | None, checkpoint: str, metric: str) -> list[bool] | None:
+    """Per-example correctness of `<checkpoint>.<metric>` (e.g. last, pgd50_acc) from an evaluate flags file
+    (format energyat-flags/1: key `last.pgd50`, a string of 0/1, character i = test image i), or None."""
+    v = flags.get(f"{checkpoint}.{metric.removesuffix('_acc')}") if isinstance(flags, dict) else None
+    return [c == "1" for c in v] if isinstance(v, str) and v and set(v) <= {"0", "1"} else None
+
+
+def strongest_pgd(evals: list[dict], checkpoint: str = "last") -> str | None:
+    """The PGD accuracy key with the most steps that `checkpoint` reports in any of `evals` (e.g. pgd50_acc)."""
+    steps = [int(m.group(1)) for e in evals for k in e if (m := re.fullmatch(rf"{checkpoint}\.pgd(\d+)_acc", k))]
+    return f"pgd{max(steps)}_acc" if steps else None
+
+
+def _paired(a: list[float], b: list[float], flag_pairs: list[tuple] | None = None) -> dict:
+    """b − a over seeds: t-interval fields, the paired-t p-value and, with `flag_pairs` (one (a, b) pair of flag
+    vectors per seed), the per-seed exact McNemar p-values (None where a seed's flags are unreadable)."""
+    d = [y - x for x, y in zip(a, b)]
+    out = {**_clean(stats.t_interval(d)), "values": d, "paired_t_p": finite(stats.paired_t(a, b))}
+    if flag_pairs is not None:
+        out["mcnemar_p"] = [round(stats.paired_difference(fa, fb)["p"], 6)
+                            if fa is not None and fb is not None and len(fa) == len(fb) else None
+                            for fa, fb in flag_pairs]
+    return out
+
+
+def robust_overfitting(g: Group, flags: dict[tuple[str, str, str], dict]) -> dict[str, dict]:
+    """Per multi-step run of the group (with base and DER eval files in every seed): the best − last gap of the
+    strongest PGD accuracy per variant (b = best, a = last), the change of that gap with DER, and the DER gain on
+    the last checkpoint per accuracy key. `flags`: (rev, run, variant) -> that evaluate flags file's content."""
+    out = {}
+    for run, cfg in g.runs().items():
+        if family(cfg["method"]) != "ro":
+            continue
+        evals = {v: [m.metrics.get(EVAL.format(run=run, variant=v)) for m in g.members] for v in VARIANTS}
+        if not all(e for v in VARIANTS for e in evals[v]):
+            continue
+        pgd = strongest_pgd([e for v in VARIANTS for e in evals[v]])
+        if pgd is None or not all(f"{ck}.{pgd}" in e for v in VARIANTS for e in evals[v] for ck in ("best", "last")):
+            continue
+
+        def fl(m, v, ck, key):
+            return flag_vector(flags.get((m.rev, run, v)), ck, key)
+
+        res = {"method": cfg["method"], "pgd": pgd, "gap": {}}
+        for v in VARIANTS:
+            last = [e[f"last.{pgd}"] for e in evals[v]]
+            best = [e[f"best.{pgd}"] for e in evals[v]]
+            res["gap"][v] = _paired(last, best, [(fl(m, v, "last", pgd), fl(m, v, "best", pgd)) for m in g.members])
+        res["gap_change"] = _paired(res["gap"]["base"]["values"], res["gap"]["der"]["values"])
+        keys = [k for k in ("clean_acc", pgd, "aa_acc") if all(f"last.{k}" in e for v in VARIANTS for e in evals[v])]
+        res["der_gain_last"] = {
+            k: _paired([e[f"last.{k}"] for e in evals["base"]], [e[f"last.{k}"] for e in evals["der"]],
+                       [(fl(m, "base", "last", k), fl(m, "der", "last", k)) for m in g.members]) for k in keys}
+        out[run] = res
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+def report(groups: list[Group], flags: dict[tuple[str, str, str], dict]) -> dict:
+    """The JSON of metrics/seeds.json."""
+    return {"groups": [
+        {"id": g.id, "label": label, "seeds": g.seeds,
+         "members": [{"name": m.name, "rev": m.rev, "baseline": m.baseline, "seed": m.seed} for m in g.members],
+         "params": g.params, "metrics": metric_stats(g), "robust_overfitting": robust_overfitting(g, flags)}
+        for g, label in zip(groups, labels(groups))]}
+
+
+def _g(v) -> str:
+    return "–" if v is None else f"{v:.4g}"
+
+
+def _pp(v) -> str:
+    return "–" if v is None else f"{100 * v:+.1f}"
+
+
+def _p(v) -> str:
+    return "–" if v is None else ("< 0.001" if v < 0.001 else f"{v:.3f}")
+
+
+def _row(key: str, s: dict) -> str:
+    seeds = " | ".join("–" if v is None else (str(v) if isinstance(v, bool) else _g(v)) for v in s["values"])
+    if "true" in s:
+        return f"| {key} | {s['true']}/{s['n']} true | | {s['n']} | {seeds} |"
+    return f"| {key} | {_g(s['mean'])} ± {_g(s['std'])} | [{_g(s['lo'])}, {_g(s['hi'])}] | {s['n']} | {seeds} |"
+
+
+def _ro_lines(run: str, ro: dict) -> list[str]:
+    name = METHOD_NAMES.get(ro["method"], ro["method"])
+    pgd = f"PGD-{ro['pgd'][3:-4]}"
+    lines = [f"**Robust overfitting, run `{run}` ({name})**: percentage points, mean ± std over seeds [95 % "
+             "t-interval]; paired t-test across seeds; exact McNemar per seed on the same test images.", "",
+             "| Quantity | mean ± std | 95 % CI | paired t p | McNemar p per seed |", "|---|---:|---:|---:|---|"]
+
+    def row(label: str, d: dict) -> str:
+        mc = ", ".join(_p(p) for p in d.get("mcnemar_p", [])) or "–"
+        return (f"| {label} | {_pp(d['mean'])} ± {_pp(d['std']).lstrip('+')} | [{_pp(d['lo'])}, {_pp(d['hi'])}] "
+                f"| {_p(d['paired_t_p'])} | {mc} |")
+
+    for v in VARIANTS:
+        lines.append(row(f"best − last {pgd}, {'base' if v == 'base' else '+ DER'}", ro["gap"][v]))
+    lines.append(row(f"gap change with DER (DER − base) {pgd}", ro["gap_change"]))
+    for k, d in ro["der_gain_last"].items():
+        label = {"clean_acc": "clean", "aa_acc": "AutoAttack"}.get(k, f"PGD-{k[3:-4]}")
+        lines.append(row(f"DER gain, last checkpoint, {label}", d))
+    return lines + [""]
+
+
+def markdown(rep: dict) -> str:
+    """metrics/seeds.md: per group its members, the robust-overfitting section, and per metric key mean ± std, the
+    95 % t-interval, n and the per-seed values. Only keys of metrics/summary.json when a group has that file (the
+    others are in seeds.json); keys equal in every seed and the Wilson bounds of single accuracies are left out."""
+    lines = ["# Seeds: mean ± std and 95 % t-intervals", "",
+             "Experiments (`dvc exp show`) whose params differ only in `seed`, pooled per group by "
+             "`energyat aggregate`; std is the sample std over seeds, the interval Student-t on the mean. "
+             "Every key, with per-seed values, is in `metrics/seeds.json`.", ""]
+    if not rep["groups"]:
+        lines.append("No two finished experiments differ only in `seed`.")
+    for g in rep["groups"]:
+        title = g["label"] or "pooled experiments"
+        lines += [f"## {title} ({len(g['seeds'])} seeds: {', '.join(map(str, g['seeds']))})", "",
+                  "Members: " + ", ".join(f"`{m['name']}` ({m['rev'][:7]}, seed {m['seed']})" for m in g["members"])
+                  + "; baseline commit(s): " + ", ".join(sorted({m["baseline"][:7] for m in g["members"]})) + ".", ""]
+        for run, ro in g["robust_overfitting"].items():
+            lines += _ro_lines(run, ro)
+        files = {SUMMARY: g["metrics"][SUMMARY]} if SUMMARY in g["metrics"] else g["metrics"]
+        header = "| Metric | mean ± std | 95 % CI | n | " + " | ".join(f"seed {s}" for s in g["seeds"]) + " |"
+        sep = "|---|---:|---:|---:|" + "---:|" * len(g["seeds"])
+        for f, keys in files.items():
+            varying = {k: s for k, s in keys.items() if len({json.dumps(v) for v in s["values"]}) > 1
+                       and not k.endswith(WILSON_BOUNDS)}
+            lines += [f"`{f}` ({len(varying)} of {len(keys)} keys shown)", ""]
+            if varying:
+                lines += [header, sep, *(_row(k, s) for k, s in varying.items()), ""]
+    return "\n".join(lines).rstrip() + "\n"

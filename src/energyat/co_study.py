@@ -1,0 +1,159 @@
+"""The catastrophic-overfitting study table: single-step methods ± DER (rows) against ε (columns), over seeds.
+
+Pure functions over aggregate.Group's (experiments that differ only in `seed`). A group is one ε of one setting;
+a setting is everything but `seed` and `train.eps`, so a study queued as `-S seed=S -S train.eps=E` gives one
+table whose columns are the E's (a run with its own `eps` goes to the column of that ε). Rows are the
+single-step runs of `runs` (the method's name, "+ DER" for the DER twin, and that run's `der:` overrides, e.g.
+"FGSM + DER (aae: start, aae_norm: batch)"); a run that differs from an earlier one only in `der:` adds its DER
+row only, since its base model is that earlier run's.
+
+Cells, final checkpoint (`last`) of metrics/eval/<run>.<variant>.json: clean, the strongest PGD and AutoAttack
+accuracy as mean ± std over seeds; and from metrics/train/<run>.<variant>.json how many seeds collapsed:
+`co_at_end` (catastrophic overfitting that the final model still shows) and, counted separately, `diverged`
+(clean accuracy fell to chance); a seed may be in both. `catastrophic_overfitting` (CO at any epoch, even if
+later recovered) is kept in the JSON.
+"""
+from __future__ import annotations
+
+import json
+
+from . import stats
+from .aggregate import EVAL, SEED, TRAIN, Group, differing, finite, strongest_pgd
+from .errors import UserError
+from .params import VARIANTS
+from .report import METHOD_NAMES, family
+
+COUNTS = ("co_at_end", "catastrophic_overfitting", "diverged")
+EPS = "train.eps"
+
+
+def fmt_eps(eps: float) -> str:
+    """0.1 -> "0.1", 8/255 -> "8/255" (k/255 when a short decimal would not be exact)."""
+    k = eps * 255
+    if len(f"{eps:g}") > 6 and abs(k - round(k)) < 1e-6:
+        return f"{round(k)}/255"
+    return f"{eps:g}"
+
+
+def _rows(g: Group) -> list[dict]:
+    """The table rows a group supplies: single-step runs × variants, with their labels."""
+    rows, seen_base = [], set()
+    for run, cfg in g.runs().items():
+        if family(cfg["method"]) != "co":
+            continue
+        base_key = json.dumps({k: v for k, v in cfg["overrides"].items() if k != "der"}, sort_keys=True)
+        for variant in VARIANTS:
+            if variant == "base" and base_key in seen_base:
+                continue
+            label = METHOD_NAMES.get(cfg["method"], cfg["method"])
+            if variant == "der":
+                overrides = ", ".join(f"{k}: {v}" for k, v in cfg["der"].items())
+                label += " + DER" + (f" ({overrides})" if overrides else "")
+            rows.append({"label": label, "run": run, "variant": variant, "method": cfg["method"],
+                         "der": cfg["der"] if variant == "der" else {}, "eps": cfg["eps"]})
+        seen_base.add(base_key)
+    labels = [r["label"] for r in rows]
+    for r in rows:  # runs the labels cannot tell apart (e.g. two FGSM runs of different length) carry their name
+        if labels.count(r["label"]) > 1:
+            r["label"] += f" [{r['run']}]"
+    return rows
+
+
+def _accuracy_keys(pgd: str | None) -> list[str]:
+    return [k for k in ("clean_acc", pgd, "aa_acc") if k]
+
+
+def _seed_record(m, run: str, variant: str, pgd: str | None) -> dict | None:
+    """One seed of one cell: final-checkpoint accuracies and collapse flags (None when the seed has neither file)."""
+    ev = m.metrics.get(EVAL.format(run=run, variant=variant)) or {}
+    tr = m.metrics.get(TRAIN.format(run=run, variant=variant)) or {}
+    if not ev and not tr:
+        return None
+    return {"seed": m.seed, "name": m.name, "rev": m.rev, **{k: ev.get(f"last.{k}") for k in _accuracy_keys(pgd)},
+            **{k: tr.get(k) for k in COUNTS}}
+
+
+def _stats(values: list) -> dict | None:
+    nums = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return {k: finite(v) for k, v in stats.t_interval(nums).items()} if nums else None
+
+
+def _cells(groups: list[tuple[Group, list[dict]]], pgd: str | None) -> dict[tuple[str, float], dict]:
+    """(row label, eps) -> cell, over the groups of one setting."""
+    cells = {}
+    for g, rows in groups:
+        for r in rows:
+            where = (r["label"], r["eps"])
+            if where in cells:
+                raise UserError(f"co study: two groups fill the cell {r['label']} at eps {r['eps']:g} "
+                                f"({cells[where]['group']}, {g.id}); their params differ in more than seed and eps")
+            seeds = [rec for m in g.members if (rec := _seed_record(m, r["run"], r["variant"], pgd))]
+            if seeds:
+                cells[where] = {**r, "group": g.id, "n": len(seeds), "seeds": seeds,
+                                "stats": {k: _stats([x[k] for x in seeds]) for k in _accuracy_keys(pgd)},
+                                **{k: sum(bool(x[k]) for x in seeds) for k in COUNTS}}
+    return cells
+
+
+def study(groups: list[Group]) -> dict:
+    """The JSON of metrics/co_study.json: per setting its label (the params that set it apart from the other
+    settings), the PGD key, its ε columns, row labels and cells (per-seed records, mean ± std with the t-interval
+    per accuracy, collapse counts)."""
+    settings: dict[str, list[tuple[Group, list[dict]]]] = {}
+    for g in groups:
+        if rows := _rows(g):
+            key = json.dumps({k: v for k, v in g.params.items() if k != EPS}, sort_keys=True)
+            settings.setdefault(key, []).append((g, rows))
+    firsts = [gs[0][0].members[0] for gs in settings.values()]
+    distinct = differing(firsts, ignore=(SEED, EPS))
+    out = []
+    for gs, first in zip(settings.values(), firsts):
+        pgd = strongest_pgd([m.metrics.get(EVAL.format(run=r["run"], variant=r["variant"])) or {}
+                             for g, rows in gs for r in rows for m in g.members])
+        if cells := _cells(gs, pgd):
+            out.append({"label": ", ".join(f"{k}={json.dumps(first.flat_params.get(k))}" for k in distinct),
+                        "pgd": pgd, "eps": sorted({e for _, e in cells}),
+                        "rows": list(dict.fromkeys(label for label, _ in cells)), "cells": list(cells.values())})
+    return {"settings": out}
+
+
+def _cell(s: dict | None, n_max: int) -> str:
+    if s is None:
+        return "–"
+    txt = f"{100 * s['mean']:.1f}" + (f" ± {100 * s['std']:.1f}" if s["std"] is not None else "")
+    return txt + (f" (n={s['n']})" if s["n"] < n_max else "")
+
+
+def markdown(st: dict) -> str:
+    """metrics/co_study.md: per setting, tables PGD / AutoAttack / clean accuracy and collapsed seeds, rows
+    method ± DER, columns ε."""
+    lines = ["# Catastrophic overfitting: single-step methods ± DER", "",
+             "Final checkpoint; accuracy (%) mean ± std over seeds (the t-intervals and every seed's values are in "
+             "`metrics/co_study.json`); collapsed: seeds whose final model is in catastrophic overfitting "
+             "(`co_at_end`), and seeds that diverged (clean accuracy at chance), of the seeds run. Made by "
+             "`energyat aggregate --co-study`.", ""]
+    if not st["settings"]:
+        lines.append("No finished experiment with single-step runs.")
+    for s in st["settings"]:
+        if s["label"]:
+            lines += [f"## {s['label']}", ""]
+        cells = {(c["label"], c["eps"]): c for c in s["cells"]}
+        n_max = max(c["n"] for c in s["cells"])
+        head = "| Method | " + " | ".join(f"ε = {fmt_eps(e)}" for e in s["eps"]) + " |"
+        sep = "|---|" + "---:|" * len(s["eps"])
+        tables = [(f"PGD-{s['pgd'][3:-4]}", s["pgd"])] if s["pgd"] else []
+        for title, key in [*tables, ("AutoAttack", "aa_acc"), ("Clean", "clean_acc")]:
+            lines += [f"**{title} accuracy (%)**", "", head, sep]
+            for row in s["rows"]:
+                lines.append(f"| {row} | " + " | ".join(
+                    _cell(cells[row, e]["stats"].get(key) if (row, e) in cells else None, n_max)
+                    for e in s["eps"]) + " |")
+            lines.append("")
+        lines += ["**Collapsed seeds** (catastrophic overfitting at the end · diverged)", "", head, sep]
+        for row in s["rows"]:
+            lines.append(f"| {row} | " + " | ".join(
+                f"CO {cells[row, e]['co_at_end']}/{cells[row, e]['n']} · div {cells[row, e]['diverged']}/"
+                f"{cells[row, e]['n']}" if (row, e) in cells else "–" for e in s["eps"]) + " |")
+        seeds = sorted({x["seed"] for c in s["cells"] for x in c["seeds"]})
+        lines += ["", f"Seeds: {', '.join(map(str, seeds))}; (n=k): a cell with fewer seeds than the others.", ""]
+    return "\n".join(lines).rstrip() + "\n"

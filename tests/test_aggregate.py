@@ -1,0 +1,319 @@
+"""Seeds through DVC experiments: reading `dvc exp show --json`, grouping by params except seed, the refusal to
+pool differing params, t-intervals, the robust-overfitting section, the CO study table, and one real queue."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from scipy import stats as sps
+
+from energyat import aggregate, cli, co_study
+from energyat.errors import UserError
+from energyat.stages import aggregate as stage
+
+from test_pipeline import BIN, COPY_IGNORE, ROOT, dvc, synthetic_tarball, tiny_params
+
+T975_2 = 4.302652729749464  # Student t, 97.5 % quantile, 2 degrees of freedom (3 seeds)
+T975_1 = 12.706204736174707  # 1 degree of freedom (2 seeds)
+MISSING = {"error": {"type": "FileNotFoundError", "msg": "[Errno 2] No such file or directory"}}
+
+
+def params(seed=0, eps=0.1, lam=1.0, runs=None) -> dict:
+    """An experiment's params.yaml, trimmed to what matters here."""
+    return {"seed": seed, "threads": 1, "train": {"method": "pgd", "eps": eps, "epochs": 2},
+            "der": {"lambda": lam, "gamma": 0.0}, "runs": runs or {"fgsm": {"method": "fgsm", "epochs": 2}}}
+
+
+def data(rev: str, p: dict, metrics: dict | None, ts: str) -> dict:
+    """`data` of a row of `dvc exp show --json` (DVC 3.67): per file {"data": ...} or {"error": ...}."""
+    files = {"metrics/train/standard.base.json": MISSING,
+             **{f: {"data": m} for f, m in (metrics or {}).items()}}
+    return {"rev": rev, "timestamp": ts, "params": {"params.yaml": {"data": p}}, "metrics": files,
+            "deps": {"src/energyat/train.py": {"hash": "9f0c", "size": 9000, "nfiles": None}}, "outs": {}, "meta": {}}
+
+
+def exp(name: str, rev: str, p: dict, metrics: dict | None, state="success", ts="2026-01-01T10:00:00") -> dict:
+    error = {"msg": "Experiment run failed", "type": ""} if state == "failed" else None
+    row = {"rev": rev, "name": name, "data": data(rev, p, metrics, ts), "error": error, "experiments": None}
+    return {"revs": [row],
+            "executor": {"state": state, "name": "dvc-task",
+                         "local": {"root": None, "log": None, "pid": None, "returncode": 0, "task_id": rev}},
+            "name": name}
+
+
+def show(head_metrics=None, experiments=(), head_params=None) -> list:
+    head = "a" * 40
+    return [{"rev": "workspace", "name": None, "data": data("workspace", params(), head_metrics, None),
+             "error": None, "experiments": None},
+            {"rev": head, "name": "master", "error": None, "experiments": list(experiments),
+             "data": data(head, head_params or params(), head_metrics, "2026-01-01T09:00:00")}]
+
+
+def train_metrics(pgd: float, diverged=False, co=False) -> dict:
+    return {"metrics/train/fgsm.base.json": {"final_val_pgd_acc": pgd, "diverged": diverged, "co_at_end": co,
+                                             "epochs": 2, "method": "fgsm"}}
+
+
+# ------------------------------------------------------------------------------------------ reading, grouping
+
+def test_experiments_keep_finished_ones_with_metrics_and_note_the_rest():
+    rows = show(experiments=[
+        exp("s0", "1" * 40, params(0), train_metrics(0.5)),
+        exp("s1", "2" * 40, params(1), train_metrics(0.6)),
+        exp("bad", "3" * 40, params(2), {}, state="failed"),
+        exp("later", "4" * 40, params(3), {}, state="queued"),
+        exp("busy", "5" * 40, params(4), {}, state="running"),
+        exp("empty", "6" * 40, params(5), {}),
+    ])
+    found, notes = aggregate.experiments(rows, head="a" * 40)
+    assert [(e.name, e.seed, e.baseline[:1]) for e in found] == [("s0", 0, "a"), ("s1", 1, "a")]
+    assert found[0].metrics == {"metrics/train/fgsm.base.json": train_metrics(0.5)["metrics/train/fgsm.base.json"]}
+    assert notes == ["bad: skipped (failed)", "later: skipped (queued)", "busy: skipped (running)",
+                     "master: skipped (no metrics)", "empty: skipped (no metrics)"]
+
+
+def test_groups_are_params_except_seed_and_head_joins_as_a_seed():
+    rows = show(head_metrics=train_metrics(0.4), experiments=[
+        exp("e1-s1", "1" * 40, params(1), train_metrics(0.5)),
+        exp("e1-s2", "2" * 40, params(2), train_metrics(0.6)),
+        exp("e2-s0", "3" * 40, params(0, eps=0.2), train_metrics(0.1)),
+        exp("e2-s1", "4" * 40, params(1, eps=0.2), train_metrics(0.2), ts="2026-01-01T11:00:00"),
+        exp("e2-s1-old", "5" * 40, params(1, eps=0.2), train_metrics(0.3), ts="2026-01-01T08:00:00"),
+        exp("lam2", "6" * 40, params(0, lam=2.0), train_metrics(0.7)),
+    ])
+    found, _ = aggregate.experiments(rows, head="a" * 40)
+    groups, notes = aggregate.group(found)
+    assert [[m.name for m in g.members] for g in groups] == [["master", "e1-s1", "e1-s2"], ["e2-s0", "e2-s1"]]
+    assert aggregate.labels(groups) == ["train.eps=0.1", "train.eps=0.2"]
+    assert notes == ["e2-s1-old: skipped (seed 1 already pooled from e2-s1, newer)",
+                     "lam2: not pooled (no other seed with the same params)"]
+    singles, _ = aggregate.group(found, min_members=1)
+    assert [len(g.members) for g in singles] == [3, 2, 1]
+
+
+def test_pool_refuses_experiments_whose_other_params_differ():
+    found, _ = aggregate.experiments(show(experiments=[
+        exp("a", "1" * 40, params(0), train_metrics(0.5)),
+        exp("b", "2" * 40, params(1, eps=0.2, lam=3.0), train_metrics(0.6)),
+        exp("c", "3" * 40, params(1), train_metrics(0.7)),
+    ]), head=None)
+    with pytest.raises(UserError) as err:
+        aggregate.pool(aggregate.select(found, ["a", "b"]))
+    assert str(err.value) == "refusing to pool a, b: params other than seed differ (der.lambda, train.eps)"
+    with pytest.raises(UserError, match="^refusing to pool b, c: same seed 1$"):
+        aggregate.pool([found[1], dataclasses.replace(found[2], params=found[1].params)])
+    assert [e.name for e in aggregate.pool(aggregate.select(found, ["[ac]"])).members] == ["a", "c"]
+    assert [e.name for e in aggregate.select(found, ["3333"])] == ["c"]
+    with pytest.raises(UserError, match="^nope: no finished experiment with metrics matches"):
+        aggregate.select(found, ["nope"])
+
+
+# ------------------------------------------------------------------------------------------------ intervals
+
+def test_seed_statistics_are_mean_sample_std_and_t_interval():
+    s = aggregate.summarize([0.5, 0.6, 0.7])
+    half = T975_2 * 0.1 / math.sqrt(3)
+    assert s["n"] == 3 and s["mean"] == pytest.approx(0.6, abs=1e-12) and s["std"] == pytest.approx(0.1, abs=1e-12)
+    assert (s["lo"], s["hi"]) == (pytest.approx(0.6 - half, abs=1e-9), pytest.approx(0.6 + half, abs=1e-9))
+    assert (round(s["lo"], 5), round(s["hi"], 5)) == (0.35159, 0.84841)
+    two = aggregate.summarize([1, None, 3])  # a seed without the key: n = 2
+    assert (two["n"], two["mean"], two["std"], two["values"]) == (2, 2.0, pytest.approx(math.sqrt(2)), [1.0, None, 3.0])
+    assert two["hi"] == pytest.approx(2 + T975_1 * math.sqrt(2) / math.sqrt(2))
+    assert aggregate.summarize([True, False, True]) == {"n": 3, "true": 2, "values": [True, False, True]}
+    one = aggregate.summarize([0.25, None])
+    assert (one["mean"], one["std"], one["lo"]) == (0.25, None, None)  # strict JSON: no NaN
+    assert aggregate.summarize(["not computed"]) is None
+
+
+def test_report_and_markdown_of_a_group():
+    found, _ = aggregate.experiments(show(experiments=[
+        exp(f"s{i}", str(i + 1) * 40, params(i), train_metrics(v, diverged=i == 2))
+        for i, v in enumerate((0.5, 0.6, 0.7))
+    ]), head=None)
+    groups, _ = aggregate.group(found)
+    rep = aggregate.report(groups, {})
+    g = rep["groups"][0]
+    assert (g["label"], g["seeds"], g["robust_overfitting"]) == ("", [0, 1, 2], {})
+    assert g["metrics"]["metrics/train/fgsm.base.json"]["epochs"]["std"] == 0.0
+    md = aggregate.markdown(rep)
+    assert "| final_val_pgd_acc | 0.6 ± 0.1 | [0.3516, 0.8484] | 3 | 0.5 | 0.6 | 0.7 |" in md
+    assert "| diverged | 1/3 true | | 3 | False | False | True |" in md
+    assert "(2 of 4 keys shown)" in md  # epochs and co_at_end equal in every seed; method is text
+    json.dumps(rep, allow_nan=False)
+
+
+# -------------------------------------------------------------------------------------- robust overfitting
+
+def ro_eval(best: float, last: float, clean: float) -> dict:
+    return {"best.pgd50_acc": best, "last.pgd50_acc": last, "best.pgd20_acc": 0.9, "last.pgd20_acc": 0.9,
+            "last.pgd50_acc_lo": last - 0.1, "last.clean_acc": clean, "best.clean_acc": clean, "n_examples": 10}
+
+
+def test_robust_overfitting_gap_and_der_gain_paired_over_seeds():
+    runs = {"pgd": {"method": "pgd", "eps": 0.2}}
+    base = [(0.50, 0.46, 0.80), (0.52, 0.46, 0.81), (0.48, 0.43, 0.79)]  # best, last, clean per seed
+    der = [(0.51, 0.49, 0.79), (0.52, 0.50, 0.80), (0.50, 0.49, 0.80)]
+    rows = [exp(f"ro-s{i}", str(i + 1) * 40, params(i, runs=runs),
+                {"metrics/eval/pgd.base.json": ro_eval(*base[i]), "metrics/eval/pgd.der.json": ro_eval(*der[i])})
+            for i in range(3)]
+    found, _ = aggregate.experiments(show(experiments=rows), head=None)
+    groups, _ = aggregate.group(found)
+    # seed 0's flags: base best beats last on 5 images and loses on none (McNemar 2 * 0.5^5); DER gains 3 images
+    flags = {("1" * 40, "pgd", "base"): {"best.pgd50": "1111100000", "last.pgd50": "0000000000"},
+             ("1" * 40, "pgd", "der"): {"last.pgd50": "1110000000"}}
+    ro = aggregate.robust_overfitting(groups[0], flags)["pgd"]
+    assert ro["pgd"] == "pgd50_acc" and ro["method"] == "pgd"
+    gap = ro["gap"]["base"]  # 0.04, 0.06, 0.05
+    assert gap["values"] == pytest.approx([0.04, 0.06, 0.05]) and gap["mean"] == pytest.approx(0.05)
+    assert gap["std"] == pytest.approx(0.01)
+    assert gap["paired_t_p"] == pytest.approx(2 * sps.t.sf(0.05 / (0.01 / math.sqrt(3)), 2))
+    assert gap["mcnemar_p"] == [0.0625, None, None]
+    gain = ro["der_gain_last"]["pgd50_acc"]  # 0.03, 0.04, 0.06
+    assert gain["mean"] == pytest.approx(13 / 300) and gain["std"] == pytest.approx(np.std([0.03, 0.04, 0.06], ddof=1))
+    assert gain["lo"] == pytest.approx(13 / 300 - T975_2 * gain["std"] / math.sqrt(3))
+    assert gain["mcnemar_p"] == [0.25, None, None]  # 3 discordant images, all for DER: 2 * 0.5^3
+    assert set(ro["der_gain_last"]) == {"clean_acc", "pgd50_acc"}  # no AutoAttack key in these files
+    assert ro["gap_change"]["values"] == pytest.approx([-0.02, -0.04, -0.04])
+    assert "mcnemar_p" not in ro["gap_change"]
+    md = aggregate.markdown(aggregate.report(groups, flags))
+    assert "| best − last PGD-50, base | +5.0 ± 1.0 | [+2.5, +7.5] | 0.013 | 0.062, –, – |" in md
+    assert "| last.pgd50_acc | 0.45 ± 0.01732 | [0.407, 0.493] | 3 | 0.46 | 0.46 | 0.43 |" in md
+    assert "| last.pgd50_acc_lo |" not in md  # Wilson bounds of one seed: in the JSON only
+
+
+def test_flag_vector_reads_the_evaluate_flags_format():
+    flags = {"format": "energyat-flags/1", "n": 3, "last.aa": "011", "last.pgd50": "", "best.clean": "0a1"}
+    assert aggregate.flag_vector(flags, "last", "aa_acc") == [False, True, True]
+    assert aggregate.flag_vector(flags, "last", "pgd50_acc") is None
+    assert aggregate.flag_vector(flags, "best", "clean_acc") is None
+    assert aggregate.flag_vector(None, "last", "aa_acc") is None
+
+
+# -------------------------------------------------------------------------------------------------- CO study
+
+STUDY_RUNS = {"fgsm": {"method": "fgsm"}, "n-fgsm": {"method": "n-fgsm"},
+              "fgsm-start-batch": {"method": "fgsm", "der": {"aae": "start", "aae_norm": "batch"}},
+              "pgd": {"method": "pgd"}}  # a multi-step run: not a row of the CO table
+
+
+def co_metrics(clean: float, pgd: float, aa: float, co: bool, div: bool = False) -> dict:
+    return {"last.clean_acc": clean, "last.pgd20_acc": pgd + 0.01, "last.pgd50_acc": pgd, "last.aa_acc": aa,
+            "best.pgd50_acc": 0.9}, {"co_at_end": co, "catastrophic_overfitting": co, "diverged": div}
+
+
+def study_experiment(eps: float, seed: int, values: dict) -> dict:
+    metrics = {}
+    for (run, variant), v in values.items():
+        ev, tr = co_metrics(*v)
+        metrics[f"metrics/eval/{run}.{variant}.json"] = ev
+        metrics[f"metrics/train/{run}.{variant}.json"] = tr
+    return exp(f"co-{eps}-s{seed}", f"{seed}{int(eps * 10)}".ljust(40, "0"), params(seed, eps=eps, runs=STUDY_RUNS),
+               metrics)
+
+
+def test_co_study_table_rows_methods_columns_eps():
+    rows = []
+    for seed, (fa, fb) in enumerate(((0.30, 0.00), (0.34, 0.20))):
+        rows.append(study_experiment(0.3, seed, {
+            ("fgsm", "base"): (0.80, fb, fb, fb == 0), ("fgsm", "der"): (0.10, 0.10, 0.10, False, True),
+            ("n-fgsm", "base"): (0.70, fa, fa - 0.02, False), ("n-fgsm", "der"): (0.70, fa + 0.01, fa, False),
+            ("fgsm-start-batch", "base"): (0.80, fb, fb, fb == 0),
+            ("fgsm-start-batch", "der"): (0.75, 0.25, 0.24, False)}))
+    rows.append(study_experiment(0.1, 0, {("fgsm", "base"): (0.85, 0.60, 0.58, False),
+                                          ("fgsm", "der"): (0.84, 0.61, 0.59, False)}))
+    found, _ = aggregate.experiments(show(experiments=rows), head=None)
+    groups, _ = aggregate.group(found, min_members=1)
+    st = co_study.study(groups)
+    (s,) = st["settings"]
+    assert s["eps"] == [0.1, 0.3] and s["pgd"] == "pgd50_acc" and s["label"] == ""
+    assert s["rows"] == ["FGSM", "FGSM + DER", "N-FGSM", "N-FGSM + DER", "FGSM + DER (aae: start, aae_norm: batch)"]
+    cells = {(c["label"], c["eps"]): c for c in s["cells"]}
+    fgsm = cells["FGSM", 0.3]
+    assert (fgsm["n"], fgsm["co_at_end"], fgsm["diverged"]) == (2, 1, 0)
+    assert fgsm["stats"]["pgd50_acc"]["mean"] == pytest.approx(0.10)
+    assert fgsm["stats"]["pgd50_acc"]["std"] == pytest.approx(0.2 / math.sqrt(2))
+    assert [x["pgd50_acc"] for x in fgsm["seeds"]] == [0.0, 0.2]
+    assert (cells["FGSM + DER", 0.3]["diverged"], cells["FGSM", 0.1]["n"]) == (2, 1)
+    assert ("N-FGSM", 0.1) not in cells
+    md = co_study.markdown(st)
+    assert "| Method | ε = 0.1 | ε = 0.3 |" in md
+    assert "| N-FGSM | – | 32.0 ± 2.8 |" in md  # PGD-50 table comes first
+    assert "| FGSM | 60.0 (n=1) | 10.0 ± 14.1 |" in md
+    assert "| FGSM + DER | CO 0/1 · div 0/1 | CO 0/2 · div 2/2 |" in md
+    json.dumps(st, allow_nan=False)
+
+
+def test_co_study_settings_and_eps_labels():
+    assert [co_study.fmt_eps(e) for e in (0.1, 8 / 255, 16 / 255, 0.2)] == ["0.1", "8/255", "16/255", "0.2"]
+    cifar = {**params(0, eps="8/255", runs=STUDY_RUNS), "data": {"dataset": "cifar10"}}
+    rows = [study_experiment(0.1, 0, {("fgsm", "base"): (0.8, 0.5, 0.5, False)}),
+            exp("cifar", "9" * 40, cifar, {"metrics/train/fgsm.base.json": {"co_at_end": True, "diverged": False}})]
+    found, _ = aggregate.experiments(show(experiments=rows), head=None)
+    st = co_study.study(aggregate.group(found, min_members=1)[0])
+    assert [(s["label"], s["eps"], s["pgd"], s["rows"]) for s in st["settings"]] == [
+        ("data.dataset=null", [0.1], "pgd50_acc", ["FGSM"]), ('data.dataset="cifar10"', [8 / 255], None, ["FGSM"])]
+    md = co_study.markdown(st)
+    assert '## data.dataset="cifar10"' in md and "| Method | ε = 8/255 |" in md
+    assert "| FGSM | CO 1/1 · div 0/1 |" in md
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+
+def test_cli_refusal_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.setattr(stage, "_exp_show", lambda: show(experiments=[
+        exp("a", "1" * 40, params(0), train_metrics(0.5)), exp("b", "2" * 40, params(1, eps=0.2), train_metrics(0.6))]))
+    assert cli.main(["aggregate", "a", "b"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        "energyat aggregate: error: refusing to pool a, b: params other than seed differ (train.eps)"
+    assert cli.main(["aggregate", "--co-study", "a"]) == 0
+    assert "| FGSM | CO 0/1 · div 0/1 |" in (tmp_path / "metrics/co_study.md").read_text()
+
+
+# ----------------------------------------------------------------------------------------------- end to end
+
+@pytest.mark.slow
+def test_two_queued_seeds_aggregate(tmp_path):
+    """Two seeds of a tiny configuration queued as DVC experiments (training stages of one run only), run with
+    `dvc exp run --run-all`, then `energyat aggregate` in that repository."""
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT, repo, ignore=COPY_IGNORE)
+    synthetic_tarball(tmp_path / "toy.tar.gz")
+    raw = tiny_params(tmp_path / "toy.tar.gz")
+    raw["threads"] = 1
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], [*git, "commit", "-qm", "tiny"]):
+        subprocess.run(cmd, cwd=repo, check=True)
+    for seed in (0, 1):
+        dvc(repo, "exp", "run", "--queue", "-n", f"tiny-s{seed}", "-S", f"seed={seed}", "train@fgsm", "train-der@fgsm")
+    dvc(repo, "exp", "run", "--run-all", "-j", "1")  # waits; exits 0 even when an experiment failed
+    failed = [line.split()[1] for line in dvc(repo, "queue", "status").stdout.splitlines() if line.endswith("Failed")]
+    assert not failed, dvc(repo, "queue", "logs", failed[0]).stdout[-3000:]
+
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "energyat", "aggregate"], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "main: skipped (no metrics)" in proc.stderr  # HEAD has the params of seed 0 but nothing ran there
+    (g,) = json.loads((repo / "metrics/seeds.json").read_text())["groups"]
+    assert [(m["name"], m["seed"]) for m in g["members"]] == [("tiny-s0", 0), ("tiny-s1", 1)]
+    for f in ("metrics/train/fgsm.base.json", "metrics/train/fgsm.der.json"):
+        own = [json.loads(subprocess.run(["git", "show", f"{m['rev']}:{f}"], cwd=repo, capture_output=True,
+                                         text=True, check=True).stdout) for m in g["members"]]
+        for key in ("final_val_clean_acc", "final_dE_x", "train_seconds"):
+            values = [o[key] for o in own]
+            s = g["metrics"][f][key]
+            assert s["values"] == values
+            assert s["mean"] == pytest.approx(np.mean(values), abs=1e-12)
+            assert s["std"] == pytest.approx(np.std(values, ddof=1), abs=1e-12)
+    assert "## pooled experiments (2 seeds: 0, 1)" in (repo / "metrics/seeds.md").read_text()
