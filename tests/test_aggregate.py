@@ -284,7 +284,7 @@ def test_cli_refusal_is_one_line(tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 def test_two_queued_seeds_aggregate(tmp_path):
     """Two seeds of a tiny configuration queued as DVC experiments (training stages of one run only), run with
-    `dvc exp run --run-all`, then `energyat aggregate` in that repository."""
+    `dvc exp run --run-all`, a commit on top, then `energyat aggregate` in that repository."""
     repo = tmp_path / "repo"
     shutil.copytree(ROOT, repo, ignore=COPY_IGNORE)
     synthetic_tarball(tmp_path / "toy.tar.gz")
@@ -299,6 +299,9 @@ def test_two_queued_seeds_aggregate(tmp_path):
     dvc(repo, "exp", "run", "--run-all", "-j", "1")  # waits; exits 0 even when an experiment failed
     failed = [line.split()[1] for line in dvc(repo, "queue", "status").stdout.splitlines() if line.endswith("Failed")]
     assert not failed, dvc(repo, "queue", "logs", failed[0]).stdout[-3000:]
+    (repo / "NOTES").write_text("results committed block by block\n")  # the experiments' baseline is no longer HEAD
+    subprocess.run(["git", "add", "NOTES"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "next block"], cwd=repo, check=True)
 
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
     proc = subprocess.run([sys.executable, "-m", "energyat", "aggregate"], cwd=repo, env=env, capture_output=True,

@@ -1,7 +1,7 @@
 """Command `aggregate [names...] [--co-study]`: seeds pooled from DVC experiments (not a dvc.yaml stage: it reads
 the experiments, which live in git refs, not in the workspace).
 
-Reads `dvc exp show --json --all-commits` (experiments of every commit, so a study whose results were committed
+Reads `dvc exp show --json` for HEAD and every commit with experiments (so a study whose results were committed
 block by block still aggregates as a whole; the HEAD commit counts as an experiment, other commits do not) and,
 for the robust-overfitting section, each member's per-example flags `metrics/eval/<run>.<variant>.flags.json`
 from its commit (`git show <rev>:<path>`; unreadable ones leave the McNemar cells empty).
@@ -29,14 +29,22 @@ from ..runtime import log
 FLAGS = "metrics/eval/{run}.{variant}.flags.json"
 
 
-def _exp_show() -> list[dict]:
-    cmd = [sys.executable, "-m", "dvc", "exp", "show", "--json", "--all-commits"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+def _dvc(*args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise UserError(f"dvc exp show failed (exit {proc.returncode}): {last}")
+        raise UserError(f"dvc {' '.join(args[:2])} failed (exit {proc.returncode}): {last}")
+    return proc.stdout
+
+
+def _exp_show() -> list[dict]:
+    """`dvc exp show --json` of HEAD and of every commit with experiments (`dvc exp list --all-commits` prints
+    them as `<short rev>:` lines): `--all-commits` itself would read the metrics of every commit in the history."""
+    listed = _dvc("exp", "list", "--all-commits")
+    baselines = [line[:-1] for line in listed.splitlines() if line.endswith(":") and not line[0].isspace()]
+    out = _dvc("exp", "show", "--json", *(a for rev in ["HEAD", *baselines] for a in ("--rev", rev)))
     try:
-        return json.loads(proc.stdout)
+        return json.loads(out)
     except json.JSONDecodeError as exc:
         raise UserError(f"dvc exp show --json: not valid JSON ({exc.msg})") from None
 
