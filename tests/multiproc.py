@@ -6,9 +6,12 @@ order. `fn` must be importable (a module-level function). An exception in a rank
 """
 from __future__ import annotations
 
+import io
 import os
 import socket
 import traceback
+
+import torch
 
 import torch.multiprocessing as mp
 
@@ -27,7 +30,11 @@ def _entry(rank: int, world: int, port: int, fn, args, queue) -> None:
 
         D.init("cpu", timeout_s=120)
         out = fn(*args)
-        queue.put((rank, True, out))
+        # as bytes: tensors sent through the queue itself would live in this process's shared memory, gone
+        # once it exits
+        buf = io.BytesIO()
+        torch.save(out, buf)
+        queue.put((rank, True, buf.getvalue()))
     except BaseException:  # noqa: BLE001 - the parent reports it
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -49,7 +56,7 @@ def run_ranks(fn, world: int, *args, timeout: float = 600):
             rank, ok, out = queue.get(timeout=timeout)
             if not ok:
                 raise AssertionError(f"rank {rank} failed:\n{out}")
-            results[rank] = out
+            results[rank] = torch.load(io.BytesIO(out), weights_only=True)
     finally:
         for p in procs:
             p.join(timeout=30)

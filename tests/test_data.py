@@ -308,3 +308,44 @@ def test_batches_and_to_float():
     f = data.to_float(x, "cpu")
     assert f.dtype == torch.float32 and f.max().item() == pytest.approx(225 / 255) and x.dtype == torch.uint8
     assert data.to_float(torch.tensor([255], dtype=torch.uint8)).item() == 1.0
+
+
+# ------------------------------------------------------------------------------------------------ augmentation
+
+def test_augmentation_draws_are_uniform_shifts_and_fair_flips_and_deterministic():
+    from energyat.data import draw_augmentation
+
+    n = 90_000
+    aug = draw_augmentation(n, "crop-flip", torch.Generator().manual_seed(0), "cpu")
+    for shifts in (aug.dy, aug.dx):
+        counts = torch.bincount(shifts + 4, minlength=9)
+        assert shifts.min() == -4 and shifts.max() == 4 and len(counts) == 9
+        # each of the 9 offsets in [-4, 4] ~ n/9 = 10,000 (binomial sd ~94: 5 sd)
+        assert (counts - n / 9).abs().max() < 500
+    assert aug.flip.float().mean().item() == pytest.approx(0.5, abs=0.01)
+    again = draw_augmentation(n, "crop-flip", torch.Generator().manual_seed(0), "cpu")
+    assert torch.equal(aug.dx, again.dx) and torch.equal(aug.flip, again.flip)
+    crop = draw_augmentation(1000, "crop", torch.Generator().manual_seed(0), "cpu")
+    assert not crop.flip.any()  # SVHN: digits are never mirrored
+    assert draw_augmentation(10, "none", torch.Generator(), "cpu") is None
+
+
+def test_augment_is_a_padded_crop_then_a_flip():
+    from energyat.data import Augmentation, augment
+
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.uint8).view(2, 3, 6, 6)
+    aug = Augmentation(torch.tensor([-2, 1]), torch.tensor([3, 0]), torch.tensor([False, True]))
+    out = augment(x, aug, pad=4)
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    torch.testing.assert_close(out[0], padded[0, :, 2:8, 7:13])  # rows shifted by -2, columns by +3, zeros padded
+    torch.testing.assert_close(out[1], padded[1, :, 5:11, 4:10].flip(-1))
+    assert out.dtype == torch.uint8 and (out[0, :, :2] == 0).all()  # the two rows above the image are padding
+
+
+def test_augmentation_param_resolves_per_dataset():
+    from energyat.params import DataCfg
+
+    assert [DataCfg(dataset=d).augmentation() for d in ("cifar10", "cifar100", "svhn", "fashion-mnist", "image-folder")] \
+        == ["crop-flip", "crop-flip", "crop", "none", "none"]
+    assert DataCfg(dataset="image-folder", augment="crop-flip").augmentation() == "crop-flip"
+    assert DataCfg(dataset="cifar10", augment="none").augmentation() == "none"

@@ -72,3 +72,45 @@ def test_aae_mask_marks_examples_whose_loss_went_down():
     assert E.aae_mask(nat, adv, y).tolist() == [True, False]
     ce_down = F.cross_entropy(adv, y, reduction="none") < F.cross_entropy(nat, y, reduction="none")
     assert ce_down.tolist() == [True, False]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_energy_functions_compute_in_fp32_from_half_logits(dtype):
+    g = torch.Generator().manual_seed(3)
+    nat, adv = (torch.randn(64, 10, generator=g) * 4).to(dtype), (torch.randn(64, 10, generator=g) * 4).to(dtype)
+    y = torch.randint(0, 10, (64,), generator=g)
+    for value in (E.energy(nat), E.joint_energy(nat, y), *E.delta_energies(nat, adv, y),
+                  E.der_per_sample(nat, adv, y, 0.2), E.der_loss(nat, adv, y, 0.2)):
+        assert value.dtype == torch.float32
+    # the same numbers as from the fp32 copy of those logits: nothing is rounded after the network
+    torch.testing.assert_close(E.energy(nat), E.energy(nat.float()), rtol=0, atol=0)
+    torch.testing.assert_close(E.der_loss(nat, adv, y, 0.2), E.der_loss(nat.float(), adv.float(), y, 0.2),
+                               rtol=0, atol=0)
+    # computing in the half type itself would be off by far more than the margins DER and stopping use
+    half = -torch.logsumexp(nat, dim=1)
+    assert (half.float() - E.energy(nat)).abs().max() > 1e-3
+
+
+def test_der_under_cpu_autocast_matches_fp32_within_1e_3():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 5))
+    x, x_adv = torch.rand(32, 8), torch.rand(32, 8)
+    y = torch.randint(0, 5, (32,))
+    reference = E.der_loss(model(x), model(x_adv), y, 0.2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        nat, adv = model(x), model(x_adv)
+        mixed = E.der_loss(nat, adv, y, 0.2)
+    assert nat.dtype == torch.bfloat16 and mixed.dtype == torch.float32
+    assert abs(mixed.item() - reference.item()) < 1e-3 * max(1.0, reference.item())
+
+
+def test_aae_start_and_batch_normalisation_by_hand():
+    y = torch.tensor([0, 0, 0, 0])
+    start = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    adv = torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.5, 0.0], [0.0, 0.5]])
+    assert E.aae_start_mask(start, adv, y).tolist() == [True, False, False, True]
+    nat = torch.zeros(4, 2)
+    per = E.der_per_sample(nat, adv, y, 0.0)
+    mask = torch.tensor([True, False, False, True])
+    assert E.der_loss(nat, adv, y, 0.0, mask, norm="aae").item() == pytest.approx(per[mask].sum().item() / 2)
+    assert E.der_loss(nat, adv, y, 0.0, mask, norm="batch").item() == pytest.approx(per[mask].sum().item() / 4)

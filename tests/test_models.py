@@ -4,7 +4,7 @@ import torch
 
 from energyat import checkpoint
 from energyat.errors import UserError
-from energyat.models import init_lazy
+from energyat.models import MODELS
 from energyat.params import ModelCfg
 
 GEOMETRY = {"dataset": "synthetic", "num_classes": 10, "channels": 1, "size": 28, "mean": [0.5], "std": [0.25]}
@@ -35,7 +35,33 @@ def test_checkpoint_rebuilds_the_options_it_was_saved_with(tmp_path):
         checkpoint.load(tmp_path / "m.pt", checkpoint.model_id(ModelCfg(width=8)))
 
 
-def test_colour_models_take_unit_range_input():
-    meta = {**GEOMETRY, "channels": 3, "size": 32, "mean": [0.5] * 3, "std": [0.25] * 3}
-    model = init_lazy(checkpoint.new_model({**meta, "arch": "preact-resnet18"}), 3, 32).eval()
-    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+# parameters of the CIFAR-10 networks (10 classes, 3 channels): WRN-28-10 and WRN-34-10 as published by Zagoruyko &
+# Komodakis (36.5M / 46.2M), PreActResNet-18 as in Rice et al.'s robust-overfitting code
+PARAMETERS = {"preact-resnet18": 11_172_170, "wrn-28-10": 36_479_194, "wrn-34-10": 46_160_474}
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_every_registered_architecture_builds_with_its_size_and_normalises_inside(arch):
+    colour = arch != "small-cnn"
+    meta = {**GEOMETRY, "arch": arch, "channels": 3 if colour else 1, "size": 32 if colour else 28,
+            "mean": [0.4, 0.5, 0.6] if colour else [0.5], "std": [0.2, 0.25, 0.3] if colour else [0.25]}
+    model = checkpoint.new_model(meta).eval()
+    if arch in PARAMETERS:
+        assert n_params(model) == PARAMETERS[arch]
+    # a tiny input: the networks are fully convolutional up to global pooling (the small CNN's head is lazy, so
+    # it is built for its dataset's size and checked there)
+    side = 8 if colour else 28
+    x = torch.rand(2, meta["channels"], side, side)
+    with torch.no_grad():
+        out = model(x)
+        mean, std = torch.tensor(meta["mean"]).view(1, -1, 1, 1), torch.tensor(meta["std"]).view(1, -1, 1, 1)
+        torch.testing.assert_close(out, model.net((x - mean) / std))  # [0, 1] input, normalised by the model
+    assert out.shape == (2, 10) and out.dtype == torch.float32
+
+
+def test_preact_blocks_put_batchnorm_before_every_convolution():
+    net = MODELS["preact-resnet18"](num_classes=10, channels=3)
+    block = net.layers[2]  # first block of the second stage: strided, with a 1x1 shortcut on the activation
+    assert block.shortcut is not None and block.shortcut.stride == (2, 2)
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    assert n_bn == 2 * 8 + 1  # two per block (8 blocks) plus the final one

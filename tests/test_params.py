@@ -49,6 +49,16 @@ def test_repo_params_load_and_resolve_runs():
     ("model.hidden", 512, None),
     ("evaluate.checkpoints", ["best", "middle"], "evaluate.checkpoints: 'middle' is not allowed"),
     ("device", "tpu", "device: 'tpu' is not allowed"),
+    ("runs.pgd.der", {"start_epoch": 101}, "runs.pgd.der.start_epoch: 101 is not allowed for 100 epochs"),
+    ("runs.pgd.der", {"start_epoch": -101}, "runs.pgd.der.start_epoch: -101 is not allowed for 100 epochs"),
+    ("runs.pgd.der", {"aae": "late"}, "runs.pgd.der.aae: 'late' is not allowed; allowed: clean, start"),
+    ("der.aae_norm", "sum", "der.aae_norm: 'sum' is not allowed; allowed: aae, batch"),
+    ("train.gradalign_lambda", "lots", "train.gradalign_lambda: 'lots' is not a number"),
+    ("runs.fgsm.gradalign_lambda", -1, "runs.fgsm.gradalign_lambda: -1.0 is not allowed; must be >= 0.0"),
+    ("runs.fgsm.lr_milestones", [0.75, 0.5], "runs.fgsm.lr_milestones: [0.75, 0.5] is not allowed; increasing"),
+    ("data.augment", "mixup", "data.augment: 'mixup' is not allowed; allowed: auto, none, crop, crop-flip"),
+    ("distributed.nproc", 0, "distributed.nproc: 0 is not allowed; must be >= 1"),
+    ("train.diag_every", -1, "train.diag_every: -1 is not allowed; must be >= 0"),
 ])
 def test_bad_values_name_key_value_and_allowed(path, value, expected):
     if expected is None:  # a valid value: parses
@@ -104,11 +114,30 @@ def test_presets_are_valid_params_files():
         assert p.run_names() and p.sample.run in p.run_names()
 
 
-def test_paper_preset_matches_the_published_setting():
+def test_paper_preset_resolves_to_the_published_recipe():
+    """What the code makes of the preset: PGD-10 with Rice et al.'s 2/255 step, DER switched on exactly at the
+    first LR decay, CIFAR's crop + flip, every test image attacked."""
+    from energyat.methods import METHODS
+    from energyat.train import learning_rate
+
     p = P.load(ROOT / "presets/paper.yaml")
     ro = p.run("pgd")
-    assert (p.data.dataset, p.model.arch) == ("cifar10", "preact-resnet18")
-    assert ro.train.eps == pytest.approx(8 / 255) and ro.train.steps == 10 and ro.train.epochs == 100
-    assert (ro.der.lam, ro.der.gamma) == (6.0, 0.2)
-    assert {p.run(r).train.method for r in p.run_names()} == {"pgd", "rs-fgsm", "n-fgsm"}
-    assert p.sample.samples_per_class * 10 == 10_000 and p.evaluate.n_examples == 10_000
+    threat = METHODS["pgd"].threat(ro.train)
+    assert threat.steps == 10 and threat.alpha == pytest.approx(2 / 255) and threat.eps == pytest.approx(8 / 255)
+    first_decay = next(e for e in range(1, ro.train.epochs + 1)
+                       if learning_rate(ro.train, e - 0.5) < ro.train.lr_max)
+    assert ro.der.first_epoch(ro.train.epochs) == first_decay
+    assert p.data.augmentation() == "crop-flip"
+    for name in p.run_names():
+        single = METHODS[p.run(name).train.method].single_step
+        assert single == (p.run(name).train.method in ("rs-fgsm", "n-fgsm"))
+    assert p.evaluate.n_examples == p.evaluate.aa_examples == 10_000
+
+
+def test_check_data_rejects_sizes_beyond_their_split():
+    p = P.parse(with_change("runs.pgd.n_val", 1200))
+    p.check_data({"train": 50_000, "val": 1200, "test": 10_000})
+    with pytest.raises(P.ParamsError, match=r"^runs.pgd.n_val: 1200 is not allowed; the validation split has 1100"):
+        p.check_data({"train": 50_000, "val": 1100, "test": 10_000})
+    with pytest.raises(P.ParamsError, match=r"^runs.fgsm.n_train: 20000 is not allowed; the training split has 400"):
+        p.check_data({"train": 400, "val": 5000, "test": 10_000})

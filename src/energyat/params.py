@@ -113,7 +113,7 @@ class TrainCfg:
     trades_beta: float = field(default=6.0, metadata=_range(0.0))
     # GradAlign weight: "auto" -> Andriushchenko & Flammarion's CIFAR-10 rule, log-linear in eps from 0.2 at
     # 8/255 to 2.0 at 16/255 (eps clamped to that published range), or a number >= 0
-    gradalign_lambda: Any = "auto"
+    gradalign_lambda: float | str = field(default="auto", metadata={**_range(0.0), "or_auto": True})
     # natural-image diagnostics (E(x), dE, AAE fraction, train clean acc) on every k-th batch where they cost an
     # extra forward pass (they are free for fgsm, gradalign, trades, standard and DER epochs); 0: off
     diag_every: int = field(default=4, metadata=_range(0))
@@ -396,8 +396,14 @@ def _build(cls: type, raw: Any, prefix: str = "") -> Any:
         if k not in raw:
             continue
         key = f"{prefix}.{k}" if prefix else k
-        value = _convert(key, hints[f.name], raw[k])
-        _check(key, value, f.metadata)
+        value = raw[k]
+        if f.metadata.get("or_auto"):  # "auto" or a number
+            if value != "auto":
+                value = _as_float(key, value)
+                _check(key, value, f.metadata)
+        else:
+            value = _convert(key, hints[f.name], value)
+            _check(key, value, f.metadata)
         kwargs[f.name] = value
     return cls(**kwargs)
 
@@ -421,11 +427,7 @@ def _resolve_run(name: str, overrides: dict, base: TrainCfg, der: DerCfg, model:
     der_over = overrides.pop("der", None) or {}
     model_over = overrides.pop("model", None) or {}
     model_cfg = _check_model(_build(ModelCfg, {**_as_raw(model), **model_over}, f"{prefix}.model"), f"{prefix}.model")
-    train_raw = {**_as_raw(base), **overrides}
-    if train_raw["gradalign_lambda"] != "auto":
-        train_raw["gradalign_lambda"] = _as_float(f"{prefix}.gradalign_lambda", train_raw["gradalign_lambda"])
-        _check(f"{prefix}.gradalign_lambda", train_raw["gradalign_lambda"], _range(0.0))
-    train = _build(TrainCfg, train_raw, prefix)
+    train = _build(TrainCfg, {**_as_raw(base), **overrides}, prefix)
     der_cfg = _build(DerCfg, {**_as_raw(der), **der_over}, f"{prefix}.der")
     k, epochs = der_cfg.start_epoch, train.epochs
     if k == 0 or (train.method in MULTI_STEP and abs(k) > epochs):
@@ -477,6 +479,13 @@ def load(path: str | Path = "params.yaml") -> Params:
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     return parse(raw)
+
+
+def check_test_subset(key: str, n: int, counts: dict[str, int]) -> None:
+    """A first-n test subset must exist in full: asking for more images than the test split holds is an error
+    (checked once the prepared data is known), never a silent clip."""
+    if n > counts["test"]:
+        raise ParamsError(f"{key}: {n} is not allowed; the test split has {counts['test']} images")
 
 
 def as_dict(cfg: Any) -> dict:
