@@ -49,7 +49,7 @@ def tiny_params(tarball: Path) -> dict:
     raw["pca"].update(k=20, n_anchors=2)
     raw["sample"].update(steps=4, step_sweep=[0, 2], samples_per_class=3, n_energy=20)
     raw["score"].update(n_reference=100)
-    raw["evaluate"].update(n_examples=20, pgd_steps=[3, 5], restarts=2)
+    raw["evaluate"].update(n_examples=20, aa_examples=12, pgd_steps=[3, 5], restarts=2)
     raw["analyze"].update(n_examples=20, steps=3, aa_iter=5, target_classes=1, square_queries=20)
     return raw
 

@@ -6,8 +6,8 @@ Pure functions over the JSON of `dvc exp show --json` (DVC 3.x: a list of baseli
 - An experiment is a candidate when it finished and has at least one readable metrics file. The workspace row is
   never one (it is HEAD plus uncommitted edits); the HEAD commit itself is one, pooled like any experiment when
   its params equal a group's except `seed` (the committed default run is seed 0 of the queued seeds).
-- A group is the candidates whose params (all params files, flattened) are equal except `seed`; within a group a
-  seed counts once (the newest experiment with it).
+- A group is the candidates whose params (all params files, flattened) are equal except `seed` and the execution
+  settings `threads` and `distributed.nproc`; within a group a seed counts once (the newest experiment with it).
 - Per metric key (metrics file + flattened key): numbers give n, mean, sample std and the Student-t 95 % interval
   of the mean over seeds (`stats.t_interval`); booleans give how many seeds were true.
 - Robust overfitting (multi-step runs of the experiments' `runs`, read from `metrics/eval/<run>.<variant>.json`):
@@ -31,6 +31,10 @@ from .report import METHOD_NAMES, family
 
 PARAMS_FILE = "params.yaml"
 SEED = "seed"
+# how many cores / ranks compute a run, not what is computed (ranks give the same numbers; threads change only
+# float summation order): experiments differing in these still pool
+EXECUTION = ("threads", "distributed.nproc")
+POOL_IGNORE = (SEED, *EXECUTION)
 EVAL = "metrics/eval/{run}.{variant}.json"
 TRAIN = "metrics/train/{run}.{variant}.json"
 SUMMARY = "metrics/summary.json"
@@ -158,7 +162,7 @@ def select(exps: list[Experiment], names: list[str]) -> list[Experiment]:
     return list(chosen.values())
 
 
-def differing(exps: list[Experiment], ignore: tuple[str, ...] = (SEED,)) -> list[str]:
+def differing(exps: list[Experiment], ignore: tuple[str, ...] = POOL_IGNORE) -> list[str]:
     """The flattened params whose values are not the same in all of `exps` (`ignore`d keys left out)."""
     flats = [e.flat_params for e in exps]
     keys = sorted({k for f in flats for k in f} - set(ignore))
@@ -183,7 +187,7 @@ def group(exps: list[Experiment], min_members: int = 2) -> tuple[list[Group], li
     `min_members` seeds are left out), in the order of their first member; and notes."""
     buckets: dict[str, list[Experiment]] = {}
     for e in exps:
-        key = json.dumps({k: v for k, v in e.flat_params.items() if k != SEED}, sort_keys=True)
+        key = json.dumps({k: v for k, v in e.flat_params.items() if k not in POOL_IGNORE}, sort_keys=True)
         buckets.setdefault(key, []).append(e)
     groups, notes = [], []
     for members in buckets.values():

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 
 from . import stats
-from .aggregate import EVAL, SEED, TRAIN, Group, differing, finite, strongest_pgd
+from .aggregate import EVAL, POOL_IGNORE, TRAIN, Group, differing, finite, strongest_pgd
 from .errors import UserError
 from .params import VARIANTS
 from .report import METHOD_NAMES, family
@@ -105,7 +105,7 @@ def study(groups: list[Group]) -> dict:
             key = json.dumps({k: v for k, v in g.params.items() if k != EPS}, sort_keys=True)
             settings.setdefault(key, []).append((g, rows))
     firsts = [gs[0][0].members[0] for gs in settings.values()]
-    distinct = differing(firsts, ignore=(SEED, EPS))
+    distinct = differing(firsts, ignore=(*POOL_IGNORE, EPS))
     out = []
     for gs, first in zip(settings.values(), firsts):
         pgd = strongest_pgd([m.metrics.get(EVAL.format(run=r["run"], variant=r["variant"])) or {}
