@@ -1,7 +1,17 @@
-"""Atomic file writes and checked reads: a stage writes an output completely or not at all."""
+"""Atomic file writes and checked reads: a stage writes an output completely or not at all.
+
+Every write goes to a temporary file beside its target (`.<name>.<random>.tmp`), is flushed to disk (fsync), then
+renamed onto the target, and the directory is synced after the rename: a kill, or a crash of the machine, leaves the
+old file or the new one, never a mix; at most a stray temporary file remains, which `remove_temporaries` deletes.
+An OSError while writing (disk full, no permission, read-only file system) is a UserError naming the path.
+"""
 from __future__ import annotations
 
+import contextlib
+import errno
+import glob
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -13,29 +23,80 @@ import torch
 
 from .errors import UserError
 
+TMP_SUFFIX = ".tmp"
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def _fsync(path: Path, directory: bool = False) -> None:
+    if directory and not hasattr(os, "O_DIRECTORY"):
+        return  # no directory handles to sync on this OS (Windows)
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if not (directory and exc.errno == errno.EINVAL):  # some file systems cannot sync a directory
+            raise
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_path(path: str | Path):
-    """Yield a temporary path beside `path`; on success it is renamed onto `path`, on error removed."""
+    """Yield a temporary path beside `path`; once the body has written it, it is synced to disk and renamed onto
+    `path`. On any error the temporary file is removed and `path` is left as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
-        yield Path(tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+        yield tmp
+        _fsync(tmp)  # data on disk before the rename makes it visible
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual permissions
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        _fsync(path.parent, directory=True)  # the rename itself survives a crash of the machine
+    except BaseException as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise UserError(f"{path}: cannot write ({exc.strerror or exc})") from None
         raise
 
 
-def write_json(path: str | Path, obj: Any) -> None:
+def remove_temporaries(path: str | Path) -> None:
+    """Delete the temporary files that killed writes of `path` left beside it."""
+    path = Path(path)
+    for stray in path.parent.glob(f".{glob.escape(path.name)}.*{TMP_SUFFIX}"):
+        stray.unlink(missing_ok=True)
+
+
+def json_text(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
+
+
+def torch_bytes(obj: Any) -> bytes:
+    # through a file object: torch.save(obj, <path>) embeds the file name in the archive, and identical tensors
+    # must give identical bytes (DVC, the prepared-data checksums and the training state compare them)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        tmp.write_bytes(data)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_text(path, json_text(obj))
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -44,10 +105,15 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def save_torch(path: str | Path, obj: Any) -> None:
-    # through a file object: torch.save(obj, <path>) embeds the (random) temporary name in the archive, and
-    # identical tensors must give identical bytes (DVC and the prepared-data checksums compare them)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
+        torch.save(obj, f)  # streamed: prepared datasets are large
+
+
+def save_sealed(path: str | Path, obj: Any) -> None:
+    """torch.save `obj` together with the sha256 of its bytes, in one file: `load_sealed` detects any damage."""
+    payload = torch_bytes(obj)
+    write_bytes(path, torch_bytes({"sha256": digest(payload),
+                                   "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}))
 
 
 def save_figure(path: str | Path, fig) -> None:
@@ -74,6 +140,18 @@ def load_torch(path: str | Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, pickle with forbidden globals, ...
         raise UserError(f"{path}: unreadable or corrupt ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
+
+
+def load_sealed(path: str | Path) -> Any:
+    """The object `save_sealed` wrote; a missing file, or one whose bytes differ from its checksum, is a UserError."""
+    path = Path(path)
+    sealed = load_torch(path)
+    if not (isinstance(sealed, dict) and set(sealed) == {"sha256", "payload"}):
+        raise UserError(f"{path}: corrupt (no checksum)")
+    payload = sealed["payload"].numpy().tobytes()
+    if digest(payload) != sealed["sha256"]:
+        raise UserError(f"{path}: corrupt (checksum differs from its contents)")
+    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
 
 
 def sha256(path: str | Path, chunk: int = 1 << 20) -> str:

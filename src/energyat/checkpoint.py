@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from .artifacts import load_torch, read_json, save_torch, sha256, write_json
+from .artifacts import digest, json_text, load_torch, read_json, sha256, torch_bytes, write_bytes
 from .errors import UserError
 from .models import build_model, init_lazy
 from .params import ModelCfg
@@ -34,13 +34,20 @@ def new_model(meta: dict) -> nn.Module:
     return init_lazy(model, meta["channels"], meta["size"])
 
 
-def save(path: str | Path, model: nn.Module | dict, meta: dict) -> None:
-    """Write `<path>` (state dict of a model, or the state dict itself) then `<path minus .pt>.json`
-    (meta + the state file's sha256)."""
-    path = Path(path)
+def encode(model: nn.Module | dict, meta: dict) -> tuple[bytes, bytes]:
+    """The bytes of a checkpoint: the state dict (of a model, or the state dict itself) and its JSON sidecar
+    (meta + the state file's sha256). The same weights and meta always give the same bytes."""
     state = model.state_dict() if isinstance(model, nn.Module) else model
-    save_torch(path, {k: v.detach().cpu() for k, v in state.items()})
-    write_json(path.with_suffix(".json"), {**meta, "sha256": sha256(path)})
+    weights = torch_bytes({k: v.detach().cpu() for k, v in state.items()})
+    return weights, json_text({**meta, "sha256": digest(weights)}).encode()
+
+
+def save(path: str | Path, model: nn.Module | dict, meta: dict) -> None:
+    """Write `<path>` then its sidecar `<path minus .pt>.json` (see `encode`)."""
+    path = Path(path)
+    weights, sidecar = encode(model, meta)
+    write_bytes(path, weights)
+    write_bytes(path.with_suffix(".json"), sidecar)
 
 
 def load(path: str | Path, expect: dict[str, Any] | None = None) -> tuple[nn.Module, dict]:
