@@ -127,3 +127,37 @@ def test_nproc_below_one_is_a_params_error_before_any_work(stage_dir):
     proc = energyat_cli(stage_dir, "--nproc", "0", "train", "fgsm", "base")
     assert proc.returncode == 2
     assert proc.stderr.strip() == "energyat train: error: distributed.nproc: 0 is not allowed; must be >= 1"
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc to find the rank processes")
+def test_a_killed_rank_ends_the_others_with_one_line_and_a_killed_launcher_takes_its_ranks(stage_dir):
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    cmd = [sys.executable, "-m", "energyat", "--nproc", "2", "train", "fgsm", "der"]
+    for victim in ("rank", "launcher"):
+        launcher = subprocess.Popen(cmd, cwd=stage_dir, env=env, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while len(ranks := _children(launcher.pid)) < 2 and time.time() < deadline:
+            time.sleep(0.2)
+        assert len(ranks) == 2, "the launcher did not start two ranks"
+        time.sleep(2)  # let them join the process group and start training
+        os.kill(ranks[1] if victim == "rank" else launcher.pid, signal.SIGKILL)
+        _, err = launcher.communicate(timeout=120)
+        if victim == "rank":
+            assert launcher.returncode == 1
+            assert [line for line in err.splitlines() if line.strip()] == \
+                ["energyat train: error: rank 1: killed by SIGKILL"]
+        for pid in ranks:  # no rank trains on: neither after a peer died nor after its launcher did
+            for _ in range(50):
+                if not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text():
+                    break
+                time.sleep(0.2)
+            else:
+                raise AssertionError(f"rank process {pid} still running after the {victim} was killed")

@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     from . import params as params_mod
 
     rank = f" (rank {os.environ['RANK']})" if distributed.launched() else ""
+    launched_here = bool(os.environ.get(LAUNCHED))
+    if launched_here:
+        _die_with_launcher()
     try:
         params = params_mod.load(ns.params)
         nproc = params.distributed.nproc if ns.nproc is None else ns.nproc
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(f"energyat.stages.{STAGES[ns.stage][0]}")
         module.run(params, *[getattr(ns, a.strip("-.").replace("-", "_")) for a in STAGES[ns.stage][1]])
     except UserError as exc:
-        if os.environ.get(LAUNCHED):
+        if launched_here:
             _record(exc)
         else:
             print(f"energyat {ns.stage}: error{rank}: {exc}", file=sys.stderr)
@@ -70,14 +73,44 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"energyat {ns.stage}: interrupted; completed outputs are kept, rerun to resume", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - a rank of our launcher reports through it, traceback included
+        if not launched_here:
+            raise
+        _record(exc)
+        return 1
     return 0
 
 
 def _record(exc: BaseException) -> None:
-    """Hand a rank's one-line error to the launcher through torchelastic's error file."""
+    """Hand a rank's error (message and traceback) to the launcher through torchelastic's error file."""
     from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
     ErrorHandler().record_exception(exc)
+
+
+def _die_with_launcher() -> None:
+    """A rank ends when the launcher that started it does (even on SIGKILL), instead of training on unwatched."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the launcher died before the line above
+            os._exit(1)
+
+
+def _root_cause(failures: dict) -> tuple[int, object]:
+    """The failure that ended the run: a rank killed from outside (not the SIGTERM the launcher sends to the
+    survivors), else a rank's own user error, else the earliest failure."""
+    import signal
+
+    def rank_key(item):
+        rank, f = item
+        external_signal = f.exitcode < 0 and -f.exitcode != signal.SIGTERM
+        user_error = f.exitcode == 2
+        return (not external_signal, not user_error, f.timestamp, rank)
+
+    return min(failures.items(), key=rank_key)
 
 
 def _launch(stage: str, nproc: int, threads: int, argv: list[str]) -> int:
@@ -100,13 +133,16 @@ def _launch(stage: str, nproc: int, threads: int, argv: list[str]) -> int:
     try:
         elastic_launch(config, cmd)(*cmd_args)
     except ChildFailedError as exc:
-        # the rank that failed by itself first, rather than one the launcher stopped because of it
-        rank, failure = min(exc.failures.items(), key=lambda kv: (not kv[1].error_file_data, kv[1].timestamp))
-        if failure.error_file_data:
-            message = failure.message.get("message", "") if isinstance(failure.message, dict) else failure.message
-            why = str(message).split(": ", 1)[-1]  # "ParamsError: <line>" -> "<line>"
-        elif failure.signal_name() != "<N/A>":
+        rank, failure = _root_cause(exc.failures)
+        message = failure.message
+        if failure.exitcode < 0:
             why = f"killed by {failure.signal_name()}"
+        elif isinstance(message, dict):  # written by _record: {"message": "Type: text", "extraInfo": {...}}
+            why = str(message.get("message", ""))
+            if failure.exitcode == 2:
+                why = why.split(": ", 1)[-1]  # a user error: its one line
+            else:  # a bug: its traceback first
+                print(message.get("extraInfo", {}).get("py_callstack", ""), file=sys.stderr)
         else:
             why = f"exited with code {failure.exitcode} (its output is above)"
         print(f"energyat {stage}: error: rank {rank}: {why}", file=sys.stderr)
