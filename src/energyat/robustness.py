@@ -1,24 +1,34 @@
-"""Robust accuracy: clean, PGD-k with restarts, and standard AutoAttack through the official code (pyautoattack).
+"""Robust accuracy example by example: clean, PGD-k with restarts, and standard AutoAttack through the official
+code (pyautoattack), plus the PGD/AutoAttack cross-check.
 
-Every function takes a model in eval mode and images in [0, 1] already on the model's device, and
-returns per-example "still correct" masks or plain numbers; nothing here reads or writes files.
+Every function takes a model in eval mode and images in [0, 1] already on the model's device, and returns
+per-example "still correct" flags or plain numbers; nothing here reads or writes files. The images are cut
+into fixed-size blocks of the global index (`distributed.owned_blocks`); each rank attacks its own blocks,
+every random draw is a function of the block, and the flags are gathered in index order, so the result is
+the same on 1 or N ranks (torchrun) and one process is simply world = 1.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import re
 import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from importlib.metadata import version
+from typing import Callable
 
 import torch
 from pyautoattack import AutoAttack
 from torch import Tensor, nn
 
+from . import distributed
 from .attacks import Threat, default_alpha, pgd_attack
 from .runtime import progress
 
+AA_PACKAGE = "pyautoattack"
 AA_VERSION = "standard"
 AA_LOGGER = "auto-attack"  # the logging.Logger name pyautoattack writes its progress and warnings to
 
@@ -30,6 +40,19 @@ def _check_eval(model: nn.Module) -> None:
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def block_seed(seed: int, *parts) -> int:
+    """A 63-bit seed for (seed, attack, restart, block, ...): the same in every process, rank and platform."""
+    digest = hashlib.sha256("/".join(str(p) for p in (seed, *parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def over_blocks(fn: Callable[[int, slice], Tensor], n: int, block: int, empty: Tensor, desc: str = "") -> Tensor:
+    """`fn(block_index, items)` on this rank's fixed-size blocks of n items, concatenated over blocks and ranks
+    in index order (every rank gets the whole result). `empty` (zero rows) stands in for a rank without blocks."""
+    parts = [fn(b, items) for b, items in progress(distributed.owned_blocks(n, block), desc=desc)]
+    return distributed.gather_cat(torch.cat(parts) if parts else empty)
 
 
 @torch.no_grad()
@@ -44,23 +67,33 @@ def clean_correct(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> Te
     return predict(model, x, batch_size) == y
 
 
-def pgd_correct(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, restarts: int,
-                batch_size: int, loss: str = "ce", alpha: float | None = None) -> Tensor:
-    """Mask of the examples that stay correct under every one of `restarts` PGD-`steps` runs (L∞, radius eps).
+def pgd_block(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, restarts: int, seed: int,
+              block: int, loss: str = "ce", alpha: float | None = None) -> Tensor:
+    """Flags of one block: correct under every one of `restarts` PGD-`steps` runs (L∞, radius eps).
 
     An example counts as broken as soon as one restart misclassifies it, so each restart only attacks the
-    examples still standing: the same accuracy as attacking all of them, at a fraction of the cost.
-    The step is 2.5·eps/steps (Madry et al.), so that a straight run can cross the ball 2.5 times.
-    """
+    examples still standing: the same accuracy as attacking all of them, at a fraction of the cost. Restart r
+    draws its random starts from a generator seeded by (seed, attack, r, block). The step is 2.5·eps/steps
+    (Madry et al.), so that a straight run can cross the ball 2.5 times."""
     alpha = default_alpha("pgd", eps, steps) if alpha is None else alpha
     threat = Threat(eps=eps, alpha=alpha, steps=steps, restarts=1)
-    robust = clean_correct(model, x, y, batch_size)
-    for _ in progress(range(restarts), desc=f"PGD-{steps} restarts"):
-        for idx in robust.nonzero().squeeze(1).split(batch_size):
-            x_adv = pgd_attack(model, x[idx], y[idx], threat, loss=loss)
-            with torch.no_grad():
-                robust[idx] = model(x_adv).argmax(1) == y[idx]
+    robust = clean_correct(model, x, y, len(y))
+    for restart in range(restarts):
+        idx = robust.nonzero().squeeze(1)
+        if not len(idx):
+            break
+        gen = torch.Generator(device=x.device).manual_seed(block_seed(seed, f"pgd{steps}-{loss}", restart, block))
+        x_adv = pgd_attack(model, x[idx], y[idx], threat, loss=loss, generator=gen)
+        robust[idx] = predict(model, x_adv, len(idx)) == y[idx]
     return robust
+
+
+def pgd_correct(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, restarts: int, block: int,
+                seed: int, loss: str = "ce", alpha: float | None = None) -> Tensor:
+    """Per-example flags under PGD-`steps` with `restarts` random starts, over blocks of `block` examples."""
+    _check_eval(model)
+    return over_blocks(lambda b, s: pgd_block(model, x[s], y[s], eps, steps, restarts, seed, b, loss, alpha),
+                       len(y), block, y[:0].bool(), desc=f"PGD-{steps} blocks")
 
 
 # ------------------------------------------------------------------------------------------- AutoAttack
@@ -72,38 +105,48 @@ def make_autoattack(model: nn.Module, eps: float, seed: int) -> AutoAttack:
 
 
 def autoattack_settings(adversary: AutoAttack) -> dict:
-    """The settings the adapter's AutoAttack really runs with (read back from the attack objects)."""
+    """The settings an AutoAttack object holds, read from its attack objects (after a run: what ran)."""
     return {
+        "package": f"{AA_PACKAGE} {version(AA_PACKAGE)}",
         "version": adversary.version,
         "norm": adversary.norm,
         "eps": adversary.epsilon,
+        "seed": adversary.seed,
         "attacks": list(adversary.attacks_to_run),
+        "apgd-ce.loss": adversary.apgd.loss,
+        "apgd-ce.eps": adversary.apgd.eps,
         "apgd-ce.n_iter": adversary.apgd.n_iter,
         "apgd-ce.n_restarts": adversary.apgd.n_restarts,
+        "apgd-t.eps": adversary.apgd_targeted.eps,
         "apgd-t.n_iter": adversary.apgd_targeted.n_iter,
         "apgd-t.n_restarts": adversary.apgd_targeted.n_restarts,
         "apgd-t.n_target_classes": adversary.apgd_targeted.n_target_classes,
+        "fab-t.targeted": adversary.fab.targeted,
+        "fab-t.eps": adversary.fab.eps,
         "fab-t.n_iter": adversary.fab.n_iter,
         "fab-t.n_restarts": adversary.fab.n_restarts,
         "fab-t.n_target_classes": adversary.fab.n_target_classes,
+        "square.eps": adversary.square.eps,
         "square.n_queries": adversary.square.n_queries,
+        "square.p_init": adversary.square.p_init,
     }
 
 
-class _ListHandler(logging.Handler):
-    def __init__(self, lines: list[str]):
+class _RecordHandler(logging.Handler):
+    def __init__(self, records: list[tuple[float, int, str]]):
         super().__init__(logging.DEBUG)
-        self.lines = lines
+        self.records = records
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(f"{record.levelname.lower()}: {record.getMessage()}")
+        self.records.append((record.created, record.levelno, record.getMessage()))
 
 
 @contextmanager
-def captured_aa_log(lines: list[str]):
-    """Route pyautoattack's logger and Python warnings into `lines` instead of the terminal."""
+def captured_aa_log(records: list[tuple[float, int, str]]):
+    """Route pyautoattack's logger and Python warnings into `records` ((time, level, message) tuples) instead
+    of the terminal."""
     logger = logging.getLogger(AA_LOGGER)
-    handler = _ListHandler(lines)
+    handler = _RecordHandler(records)
     saved = logger.level, logger.propagate
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)
@@ -112,51 +155,107 @@ def captured_aa_log(lines: list[str]):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             yield
-        lines.extend(f"warning: {w.message}" for w in caught)
+        records.extend((time.time(), logging.WARNING, str(w.message)) for w in caught)
     finally:
         logger.removeHandler(handler)
         logger.setLevel(saved[0])
         logger.propagate = saved[1]
 
 
+# pyautoattack 0.2.0's progress lines (autoattack.py), one per attack and internal batch
+_PERTURBED = re.compile(r"^(\S+) - \d+/\d+ - (\d+) out of \d+ successfully perturbed$")
+
+
 @dataclass
 class AutoAttackResult:
+    """Standard AutoAttack on n examples (one official call per block)."""
+
     robust: Tensor  # bool per example: correct under every attack of the ensemble
-    acc_after: dict[str, float] = field(default_factory=dict)  # robust accuracy after each attack (cumulative)
-    seconds: dict[str, float] = field(default_factory=dict)  # wall-clock seconds of each attack
-    log: list[str] = field(default_factory=list)  # pyautoattack's own log lines and warnings
+    clean: int  # examples classified correctly before any attack
+    robust_after: dict[str, int] = field(default_factory=dict)  # still correct after each attack (cumulative)
+    seconds: dict[str, float] = field(default_factory=dict)  # seconds in each attack, summed over blocks
+    warnings: int = 0  # warnings raised by AutoAttack's checks (logger level WARNING, Python warnings)
+    log: list[str] = field(default_factory=list)  # its own log lines, block by block
+    settings: dict = field(default_factory=dict)  # what it ran with, read back from its attack objects after the run
+
+    @property
+    def n(self) -> int:
+        return len(self.robust)
 
     @property
     def accuracy(self) -> float:
         return self.robust.float().mean().item()
 
+    @property
+    def acc_after(self) -> dict[str, float]:
+        return {attack: count / self.n for attack, count in self.robust_after.items()}
 
-def run_autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, seed: int,
-                   batch_size: int) -> AutoAttackResult:
-    """Standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square), worst case over the ensemble, per example.
 
-    The cascade runs the official `run_standard_evaluation` once per attack, each time on the examples still
-    standing (exactly what it does internally in one call), so that each attack's robust accuracy and time
-    are known; the attacks, their settings and seeds are the library's own.
-    """
+def _block_summary(records: list[tuple[float, int, str]], attacks: list[str], clean: int) -> dict:
+    """Counts, seconds and warnings of one official call, from its own log records."""
+    broken = dict.fromkeys(attacks, 0)
+    started, seconds = {}, dict.fromkeys(attacks, 0.0)
+    for created, _, msg in records:
+        if m := _PERTURBED.match(msg):
+            broken[m.group(1)] += int(m.group(2))
+        elif msg.startswith("running "):
+            started[msg[len("running "):]] = created
+        for attack in started:
+            if msg.startswith(f"robust accuracy after {attack.upper()}:"):
+                seconds[attack] = created - started[attack]
+    robust_after, left = {}, clean
+    for attack in attacks:
+        left -= broken[attack]
+        robust_after[attack] = left
+    return {"robust_after": robust_after, "seconds": seconds,
+            "warnings": sum(level >= logging.WARNING for _, level, _ in records),
+            "log": [f"{logging.getLevelName(level).lower()}: {msg}" for _, level, msg in records]}
+
+
+def autoattack_block(model: nn.Module, x: Tensor, y: Tensor, eps: float, seed: int) -> tuple[Tensor, dict]:
+    """One official `run_standard_evaluation` call on one block (its batch size = the block, so one batch):
+    per-example flags and the call's summary (counts after each attack, seconds, warnings, log, settings)."""
     adversary = make_autoattack(model, eps, seed)
-    result = AutoAttackResult(robust=clean_correct(model, x, y, batch_size))
-    n = len(y)
-    with captured_aa_log(result.log):
-        for attack in progress(list(adversary.attacks_to_run), desc="AutoAttack"):
-            idx = result.robust.nonzero().squeeze(1)
-            start = time.perf_counter()
-            if len(idx):
-                adversary.attacks_to_run = [attack]
-                x_adv, _ = adversary.run_standard_evaluation(x[idx], y[idx], batch_size=batch_size)
-                result.robust[idx] = predict(model, x_adv, batch_size) == y[idx]
-            result.seconds[attack] = time.perf_counter() - start
-            result.acc_after[attack] = result.robust.sum().item() / n
-    return result
+    records: list[tuple[float, int, str]] = []
+    with captured_aa_log(records):
+        _, y_adv = adversary.run_standard_evaluation(x, y, batch_size=len(y))
+    robust = (y_adv == y).to(torch.bool)  # y_adv: the clean prediction, or the adversarial one where it broke
+    clean = int(clean_correct(model, x, y, len(y)).sum())
+    summary = _block_summary(records, list(adversary.attacks_to_run), clean)
+    last = list(summary["robust_after"].values())[-1]
+    if last != int(robust.sum()):
+        raise RuntimeError(f"{AA_PACKAGE}'s log counts {last} robust examples but its result {int(robust.sum())}: "
+                           f"is {AA_PACKAGE} {version(AA_PACKAGE)} the version this adapter reads?")
+    return robust, {**summary, "clean": clean, "settings": autoattack_settings(adversary)}
+
+
+def run_autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, seed: int, block: int) -> AutoAttackResult:
+    """Standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) as its authors run it: one `run_standard_evaluation`
+    call per block of `block` examples, with its own checks, warnings and seed; worst case over the ensemble,
+    per example. Each rank runs its own blocks; flags, counts and log lines are gathered in index order."""
+    _check_eval(model)
+    summaries: list[dict] = []
+
+    def one(b: int, items: slice) -> Tensor:
+        robust, summary = autoattack_block(model, x[items], y[items], eps, seed)
+        summaries.append({**summary, "block": b, "items": (items.start, items.stop)})
+        return robust
+
+    robust = over_blocks(one, len(y), block, y[:0].bool(), desc="AutoAttack blocks")
+    blocks = [s for rank in distributed.gather_objects(summaries) for s in rank]
+    attacks = blocks[0]["settings"]["attacks"]
+    return AutoAttackResult(
+        robust=robust, clean=sum(s["clean"] for s in blocks),
+        robust_after={a: sum(s["robust_after"][a] for s in blocks) for a in attacks},
+        seconds={a: sum(s["seconds"][a] for s in blocks) for a in attacks},
+        warnings=sum(s["warnings"] for s in blocks),
+        log=[line for s in blocks for line in
+             (f"-- block {s['block']}: images {s['items'][0]}-{s['items'][1] - 1}", *s["log"])],
+        settings=blocks[0]["settings"])
 
 
 def autoattack_seconds_per_100(model: nn.Module, x: Tensor, y: Tensor, eps: float, seed: int = 0,
-                       batch_size: int = 250) -> float:
+                               batch_size: int = 250) -> float:
     """Wall-clock seconds standard AutoAttack takes per 100 of these images (for `make bench`).
 
     The cost depends on the model: attacks after APGD-CE only run on the examples still standing,
