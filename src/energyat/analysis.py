@@ -1,9 +1,13 @@
 """Energies of natural vs adversarial examples, attack by attack, and the figures that show them.
 
 The attacks are our PGD and CW-margin PGD (attacks.py) and AutoAttack's four attacks run one at a time
-through pyautoattack's own classes. Statistics describe the *successful* adversarial examples (images the
-model classified correctly and the attack made it misclassify), paired with their natural images, so that
-a robust model's failed attacks (which return the natural image) do not pile up at ΔE = 0.
+through pyautoattack's own classes, on a reduced budget (`analyze.*`: fewer target classes, iterations and
+Square queries than the standard protocol; the evaluate stage is the one that runs standard AutoAttack).
+Statistics describe the *successful* adversarial examples (images the model classified correctly and the
+attack made it misclassify), paired with their natural images, so that a robust model's failed attacks
+(which return the natural image) do not pile up at ΔE = 0. Images are attacked in fixed-size blocks, each
+rank its own (torchrun), with per-block randomness, so the examples do not depend on the number of ranks.
+Energies are computed in fp32 from the logits, whatever precision the network ran in.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from torch import Tensor, nn
 
 from .attacks import Threat, default_alpha, pgd_attack
 from .energy import energy, joint_energy
-from .runtime import progress
+from .robustness import block_seed, over_blocks
 
 ATTACKS = ("pgd", "apgd-ce", "apgd-t", "fab-t", "square", "cw")
 LABELS = {"pgd": "PGD", "apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "fab-t": "FAB-T", "square": "Square",
@@ -46,7 +50,9 @@ def _aa_attack(name: str, model: nn.Module, eps: float, cfg, seed: int, num_clas
 
 def adversarial_examples(model: nn.Module, x: Tensor, y: Tensor, attack: str, eps: float, cfg, seed: int,
                          num_classes: int) -> Tensor:
-    """Adversarial versions of x under `attack` (one of ATTACKS), in batches of cfg.batch_size."""
+    """Adversarial versions of x under `attack` (one of ATTACKS), in blocks of cfg.batch_size shared among the
+    ranks; every rank gets all of them. Our PGD/CW draw each block's random start from a generator seeded by
+    (seed, attack, block); pyautoattack's attacks reseed themselves with `seed` on every block."""
     if model.training:
         raise ValueError("attack a model in eval mode: call model.eval() first")
     if attack not in ATTACKS:
@@ -54,12 +60,15 @@ def adversarial_examples(model: nn.Module, x: Tensor, y: Tensor, attack: str, ep
     if attack in ("pgd", "cw"):
         threat = Threat(eps=eps, alpha=default_alpha("pgd", eps, cfg.steps), steps=cfg.steps)
 
-        def run(xb: Tensor, yb: Tensor) -> Tensor:
-            return pgd_attack(model, xb, yb, threat, loss="ce" if attack == "pgd" else "cw")
+        def run(b: int, items: slice) -> Tensor:
+            gen = torch.Generator(device=x.device).manual_seed(block_seed(seed, attack, 0, b))
+            return pgd_attack(model, x[items], y[items], threat, loss="ce" if attack == "pgd" else "cw", generator=gen)
     else:
-        run = _aa_attack(attack, model, eps, cfg, seed, num_classes).perturb
-    pieces = zip(x.split(cfg.batch_size), y.split(cfg.batch_size))
-    return torch.cat([run(xb, yb).detach() for xb, yb in progress(list(pieces), desc=LABELS[attack])])
+        adversary = _aa_attack(attack, model, eps, cfg, seed, num_classes)
+
+        def run(b: int, items: slice) -> Tensor:
+            return adversary.perturb(x[items], y[items]).detach()
+    return over_blocks(run, len(y), cfg.batch_size, x[:0], desc=LABELS[attack])
 
 
 @torch.no_grad()
@@ -68,7 +77,8 @@ def logits_of(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
 
 
 def energies(logits_nat: Tensor, logits_adv: Tensor, y: Tensor) -> dict[str, Tensor]:
-    """Per example: natural and adversarial E(x), E(x,y), ΔE = natural - adversarial, and attack success."""
+    """Per example: natural and adversarial E(x), E(x,y), ΔE = natural - adversarial, and attack success
+    (the energy functions compute in fp32 whatever the logits' precision)."""
     e_nat, e_adv = energy(logits_nat), energy(logits_adv)
     j_nat, j_adv = joint_energy(logits_nat, y), joint_energy(logits_adv, y)
     correct = logits_nat.argmax(1) == y

@@ -2,9 +2,11 @@
 
 For the standard model and the best checkpoint of every run's base and DER models: the first
 analyze.n_examples test images are attacked with PGD, APGD-CE, APGD-T, FAB-T, Square and CW-margin PGD at
-the run's eps (the standard model at its resolved eps, the train.eps default). Writes metrics/analysis.json
-(flat keys `<run>.<variant>.<attack>.dE_x.mean`, ...), plots/energy/hist_<run>_<variant>.png and, per
-adversarial run, plots/energy/delta_energy_<run>.png from plots/history and metrics/train.
+the run's eps (the standard model at its resolved eps, the train.eps default); AutoAttack's attacks run on
+the reduced `analyze.*` budget, not as standard AutoAttack. Writes metrics/analysis.json (flat keys
+`<run>.<variant>.<attack>.dE_x.mean`, ...), plots/energy/hist_<run>_<variant>.png and, per adversarial run,
+plots/energy/delta_energy_<run>.png from plots/history and metrics/train. Under torchrun the blocks of
+`analyze.batch_size` images are shared among the ranks; rank 0 gathers and writes.
 """
 from __future__ import annotations
 
@@ -12,13 +14,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from .. import analysis, checkpoint
+from .. import analysis, checkpoint, distributed
 from ..artifacts import read_json, save_figure, write_json
 from ..data import load_prepared, to_float
 from ..errors import UserError
-from ..params import Params
+from ..params import Params, check_test_subset
 from ..report import family
-from ..runtime import log, seed_everything, setup
+from ..runtime import log, setup
 
 PLOTS = Path("plots/energy")
 
@@ -41,7 +43,9 @@ def read_history(path: Path) -> pd.DataFrame:
 def run(params: Params) -> None:
     cfg = params.analyze
     device = setup(params)
+    main = distributed.context().main  # every rank attacks its blocks; rank 0 alone draws and writes
     splits, data_meta = load_prepared()
+    check_test_subset("analyze.n_examples", cfg.n_examples, data_meta["counts"])
     geometry = {k: data_meta[k] for k in ("dataset", "num_classes", "channels", "size")}
     models = {}
     for run_name, variant in models_to_analyze(params):  # every input is checked before any attack runs
@@ -54,7 +58,7 @@ def run(params: Params) -> None:
                  for r in params.run_names() for v in ("base", "der")}
 
     test = splits["test"]
-    n = min(cfg.n_examples, len(test.y))
+    n = cfg.n_examples
     x, y = to_float(test.x[:n], device), test.y[:n].to(device)
     metrics = {"n_examples": n, "steps": cfg.steps, "aa_iter": cfg.aa_iter, "target_classes": cfg.target_classes,
                "square_queries": cfg.square_queries}
@@ -67,7 +71,6 @@ def run(params: Params) -> None:
         metrics.update({f"{key}.{k}": v for k, v in analysis.natural_summary(logits_nat, y).items()})
         records = {}
         for attack in analysis.ATTACKS:
-            seed_everything(params.seed)
             x_adv = analysis.adversarial_examples(model, x, y, attack, eps, cfg, params.seed, data_meta["num_classes"])
             records[attack] = analysis.energies(logits_nat, analysis.logits_of(model, x_adv, cfg.batch_size), y)
             summary = analysis.attack_summary(records[attack])
@@ -75,10 +78,12 @@ def run(params: Params) -> None:
             log(f"analyze {key}: {attack} success {summary['success']:.3f}"
                 + (f", mean dE(x) {summary['dE_x.mean']:+.3f} dE(x,y) {summary['dE_xy.mean']:+.3f}"
                    if summary["n"] else ""))
-        title = (f"{run_name} ({'+DER' if variant == 'der' else 'base'}, best checkpoint): energies of "
-                 f"{n} natural test images vs successful adversarial examples, eps {eps:g}")
-        save_figure(PLOTS / f"hist_{run_name}_{variant}.png", analysis.histogram_figure(records, title, cfg.bins))
-
+        if main:
+            title = (f"{run_name} ({'+DER' if variant == 'der' else 'base'}, best checkpoint): energies of "
+                     f"{n} natural test images vs successful adversarial examples, eps {eps:g}")
+            save_figure(PLOTS / f"hist_{run_name}_{variant}.png", analysis.histogram_figure(records, title, cfg.bins))
+    if not main:
+        return
     for run_name in params.run_names():
         fig = analysis.delta_energy_history_figure(
             run_name, family(params.run(run_name).train.method), {v: histories[run_name, v] for v in ("base", "der")},
