@@ -1,93 +1,155 @@
-"""Summary keys and the CO / RO tables, from hand-made metrics dicts; the report stage on disk."""
+"""Summary keys, intervals, paired tests and the CO / RO tables from hand-made evaluate outputs; the report stage
+on disk."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from energyat import report
+from energyat import report, stats
 from energyat.errors import UserError
 from energyat.params import parse
 from energyat.stages import report as report_stage
 
 METHODS = {"fgsm": "fgsm", "pgd": "pgd"}
+N, N_AA = 100, 20
 
 
-def ev(eps, **acc):
-    """An evaluate JSON: acc keys like best_clean=0.9 -> best.clean_acc."""
-    out = {"eps": eps, "n_examples": 100, "restarts": 10, "best.seconds.aa": 12.0, "best.aa.apgd-ce_acc": 0.5}
-    out.update({f"{k.split('_')[0]}.{k.split('_', 1)[1]}_acc": v for k, v in acc.items()})
-    return out
+def evaluated(eps, warnings: dict | None = None, **counts):
+    """An evaluate JSON and its flags file. `counts`: e.g. best=(80, 40, 38, 7) correct images under clean, PGD-20,
+    PGD-50 (of N) and AutoAttack (of the first N_AA); each flag string is that many 1s followed by 0s, so that two
+    models' flags differ only in the images between their counts (only one side is ever right alone)."""
+    ev = {"eps": eps, "n_examples": N, "aa_examples": N_AA, "restarts": 3}
+    fl = {"format": "energyat-flags/1", "run": "r", "variant": "v", "test_sha256": "abc", "n": N, "aa_n": N_AA}
+    for ck, values in counts.items():
+        for name, k in zip(("clean", "pgd20", "pgd50", "aa"), values):
+            n = N_AA if name == "aa" else N
+            lo, hi = stats.wilson(k, n)
+            ev.update({f"{ck}.{name}_acc": round(k / n, 4), f"{ck}.{name}_acc_lo": round(lo, 4),
+                       f"{ck}.{name}_acc_hi": round(hi, 4)})
+            fl[f"{ck}.{name}"] = "1" * k + "0" * (n - k)
+        ev[f"{ck}.aa.warnings"] = (warnings or {}).get(ck, 0)
+        ev[f"{ck}.aa.apgd-ce_acc"] = 0.5
+        ev[f"{ck}.seconds.aa"] = 12.0
+    return ev, fl
 
 
-EVALS = {
-    ("fgsm", "base"): ev(0.3, best_clean=0.80, best_pgd20=0.40, best_pgd50=0.38, best_aa=0.35,
-                         last_clean=0.90, last_pgd20=0.01, last_pgd50=0.0, last_aa=0.0),
-    ("fgsm", "der"): ev(0.3, best_clean=0.78, best_pgd20=0.45, best_pgd50=0.44, best_aa=0.41,
-                        last_clean=0.77, last_pgd20=0.46, last_pgd50=0.45, last_aa=0.4212),
-    ("pgd", "base"): ev(0.1, best_clean=0.82, best_pgd20=0.70, best_pgd50=0.69, best_aa=0.66,
-                        last_clean=0.85, last_pgd20=0.61, last_pgd50=0.60, last_aa=0.57),
-    ("pgd", "der"): ev(0.1, best_clean=0.81, best_pgd20=0.71, best_pgd50=0.70, best_aa=0.67,
-                       last_clean=0.83, last_pgd20=0.68, last_pgd50=0.67, last_aa=0.65),
+RUNS = {
+    ("fgsm", "base"): evaluated(0.3, best=(80, 40, 38, 7), last=(90, 1, 0, 0)),
+    ("fgsm", "der"): evaluated(0.3, best=(78, 45, 44, 8), last=(77, 46, 45, 8)),
+    ("pgd", "base"): evaluated(0.1, {"last": 2}, best=(82, 70, 69, 13), last=(85, 61, 60, 11)),
+    ("pgd", "der"): evaluated(0.1, best=(81, 71, 70, 13), last=(83, 68, 67, 13)),
 }
+EVALS = {k: v[0] for k, v in RUNS.items()}
+FLAGS = {k: v[1] for k, v in RUNS.items()}
 TRAINS = {
     ("fgsm", "base"): {"catastrophic_overfitting": True, "co_epoch": 4, "best_epoch": 3, "diverged": False},
     ("fgsm", "der"): {"catastrophic_overfitting": False, "co_epoch": None, "best_epoch": 8},
     ("pgd", "base"): {"best_epoch": 12, "best_val_pgd_acc": 0.71, "robust_overfitting_gap": 0.1},
     ("pgd", "der"): {"best_epoch": 25, "best_val_pgd_acc": 0.72, "robust_overfitting_gap": 0.03},
 }
-STANDARD = ev(0.1, best_clean=0.91, best_pgd20=0.0, last_clean=0.92, last_pgd20=0.0, last_pgd50=0.0, last_aa=0.0)
+STANDARD, STANDARD_FLAGS = evaluated(0.1, best=(91, 0, 0, 0), last=(92, 0, 0, 0))
 
 
 def test_summary_keys_are_flat_and_stable():
-    s = report.summary(METHODS, EVALS, TRAINS, STANDARD, {"gen.pca-local.der.fid": 31.5})
-    assert s["co.fgsm.base.aa_acc"] == 0.0 and s["co.fgsm.der.aa_acc"] == 0.4212  # final checkpoint
+    s = report.summary(METHODS, EVALS, TRAINS, FLAGS, STANDARD, {"gen.pca-local.der.fid": 31.5})
+    # accuracies of the final checkpoint (CO) with their Wilson 95 % intervals
+    assert (s["co.fgsm.der.aa_acc"], s["co.fgsm.der.aa_acc_lo"], s["co.fgsm.der.aa_acc_hi"]) == (0.4, 0.2188, 0.6134)
+    assert (s["co.fgsm.base.clean_acc"], s["co.fgsm.base.clean_acc_lo"], s["co.fgsm.base.clean_acc_hi"]) == \
+        (0.9, 0.8256, 0.9448)
     assert s["co.fgsm.der.pgd50_acc"] == 0.45 and "co.fgsm.base.best.aa_acc" not in s
     assert s["co.fgsm.base.catastrophic_overfitting"] is True and s["co.fgsm.base.co_epoch"] == 4
-    assert s["co.fgsm.der_gain.aa_acc"] == pytest.approx(0.4212) and s["co.fgsm.eps"] == 0.3
-    assert s["ro.pgd.der.best.pgd50_acc"] == 0.70 and s["ro.pgd.base.last.aa_acc"] == 0.57
-    assert s["ro.pgd.der_gain.last.aa_acc"] == pytest.approx(0.08) and s["ro.pgd.der_gain.best.clean_acc"] == -0.01
+    # DER − base on the same images: 8 of 20 AA images only DER gets right -> exact McNemar p = 2 / 2^8
+    assert (s["co.fgsm.der_gain.aa_acc"], s["co.fgsm.der_gain.aa_acc_p"]) == (0.4, 0.007812)
+    assert s["co.fgsm.der_gain.aa_acc_lo"] == 0.2 and s["co.fgsm.der_gain.aa_acc_hi"] == 0.6
+    assert (s["co.fgsm.der_gain.clean_acc"], s["co.fgsm.der_gain.clean_acc_p"]) == (-0.13, 0.0002441)
+    assert s["co.fgsm.eps"] == 0.3 and s["co.fgsm.der.aa_warnings"] == 0
+    # robust overfitting: both checkpoints, DER gain per checkpoint, best − last per variant
+    assert s["ro.pgd.der.best.pgd50_acc"] == 0.7 and s["ro.pgd.base.last.aa_acc"] == 0.55
+    assert s["ro.pgd.base.last.aa_warnings"] == 2 and s["ro.pgd.base.best.aa_warnings"] == 0
+    assert (s["ro.pgd.der_gain.last.pgd50_acc"], s["ro.pgd.der_gain.last.pgd50_acc_p"]) == (0.07, 0.01562)
+    assert (s["ro.pgd.der_gain.best.clean_acc"], s["ro.pgd.der_gain.best.clean_acc_p"]) == (-0.01, 1.0)
+    assert (s["ro.pgd.base.best_minus_last.pgd50_acc"], s["ro.pgd.base.best_minus_last.pgd50_acc_p"]) == \
+        (0.09, 0.003906)
+    assert (s["ro.pgd.base.best_minus_last.clean_acc"], s["ro.pgd.base.best_minus_last.clean_acc_p"]) == (-0.03, 0.25)
+    assert s["ro.pgd.der.best_minus_last.aa_acc"] == 0 and s["ro.pgd.der.best_minus_last.aa_acc_p"] == 1.0
     assert s["ro.pgd.base.robust_overfitting_gap"] == 0.1 and "ro.pgd.base.co_epoch" not in s
-    assert s["standard.clean_acc"] == 0.92 and s["standard.aa_acc"] == 0.0 and s["n_examples"] == 100
+    assert s["standard.clean_acc"] == 0.92 and s["standard.aa_acc"] == 0.0 and s["standard.aa_acc_hi"] == 0.1611
+    assert (s["n_examples"], s["aa_examples"]) == (100, 20)
     assert s["gen.pca-local.der.fid"] == 31.5
     assert not any(isinstance(v, dict) for v in s.values())
     assert not any("seconds" in k or "apgd-ce" in k for k in s)
 
 
-def test_co_table_in_paper_layout():
-    assert report.co_table(METHODS, EVALS) == (
+def test_paired_differences_have_bootstrap_intervals_around_the_difference():
+    s = report.summary(METHODS, EVALS, TRAINS, FLAGS, STANDARD)
+    d = stats.paired_difference([c == "1" for c in FLAGS["pgd", "base"]["last.pgd50"]],
+                                [c == "1" for c in FLAGS["pgd", "der"]["last.pgd50"]])
+    assert (d["only_a"], d["only_b"]) == (0, 7)
+    assert (s["ro.pgd.der_gain.last.pgd50_acc_lo"], s["ro.pgd.der_gain.last.pgd50_acc_hi"]) == \
+        (round(d["lo"], 4), round(d["hi"], 4))
+    assert 0 < s["ro.pgd.der_gain.last.pgd50_acc_lo"] < 0.07 < s["ro.pgd.der_gain.last.pgd50_acc_hi"]
+
+
+def test_co_table_in_paper_layout_with_intervals_and_paired_differences():
+    assert report.co_table(METHODS, EVALS, FLAGS) == (
         "| Method | ε | Clean | PGD-50 | AA |\n"
         "|---|---:|---:|---:|---:|\n"
-        "| FGSM | 0.3 | 90.0 | 0.0 | 0.0 |\n"
-        "| FGSM + DER | 0.3 | 77.0 | 45.0 | 42.1 |\n"
-        "\nAccuracy (%) on the first 100 test images, final checkpoint; PGD with 10 restarts; "
-        "AA: standard AutoAttack.\n")
+        "| FGSM | 0.3 | 90.0 [82.6, 94.5] | 0.0 [0.0, 3.7] | 0.0 [0.0, 16.1] |\n"
+        "| FGSM + DER | 0.3 | 77.0 [67.8, 84.2] | 45.0 [35.6, 54.8] | 40.0 [21.9, 61.3] |\n"
+        "| Δ DER − base | | -13.0 [-20.0, -7.0], p < 0.001 | +45.0 [+35.0, +55.0], p < 0.001 "
+        "| +40.0 [+20.0, +60.0], p = 0.008 |\n"
+        "\nAccuracy (%) with its Wilson 95 % interval: clean and PGD on the first 100 test images, AA (standard "
+        "AutoAttack) on the first 20 of them; final checkpoint; PGD with 3 restarts. Differences (Δ rows) in "
+        "percentage points on the same images: paired-bootstrap 95 % interval and exact McNemar p-value.\n")
 
 
-def test_ro_table_in_paper_layout_with_missing_aa():
-    evals = {**EVALS, ("pgd", "der"): {k: v for k, v in EVALS["pgd", "der"].items() if k != "last.aa_acc"}}
+def test_ro_table_rows_flag_autoattack_warnings_and_show_missing_cells():
+    evals = {**EVALS, ("pgd", "der"): {k: v for k, v in EVALS["pgd", "der"].items() if not k.startswith("last.aa_")}}
     table = report.ro_table({"pgd": "pgd", "trades-run": "trades"},
                             {**evals, ("trades-run", "base"): EVALS["pgd", "base"],
-                             ("trades-run", "der"): EVALS["pgd", "der"]})
+                             ("trades-run", "der"): EVALS["pgd", "der"]},
+                            {**FLAGS, ("trades-run", "base"): FLAGS["pgd", "base"],
+                             ("trades-run", "der"): FLAGS["pgd", "der"]})
     lines = table.splitlines()
     assert lines[0] == "| Method | ε | Checkpoint | Clean | PGD-50 | AA |"
-    assert lines[2:6] == ["| PGD-AT | 0.1 | best | 82.0 | 69.0 | 66.0 |",
-                          "| PGD-AT | 0.1 | last | 85.0 | 60.0 | 57.0 |",
-                          "| PGD-AT + DER | 0.1 | best | 81.0 | 70.0 | 67.0 |",
-                          "| PGD-AT + DER | 0.1 | last | 83.0 | 67.0 | – |"]
-    assert lines[6] == "| TRADES (trades-run) | 0.1 | best | 82.0 | 69.0 | 66.0 |" and len(lines) == 12
+    assert lines[2:11] == [
+        "| PGD-AT | 0.1 | best | 82.0 [73.3, 88.3] | 69.0 [59.4, 77.2] | 65.0 [43.3, 81.9] |",
+        "| PGD-AT | 0.1 | last | 85.0 [76.7, 90.7] | 60.0 [50.2, 69.1] | 55.0 [34.2, 74.2] † |",
+        "| PGD-AT | | Δ best − last | -3.0 [-7.0, +0.0], p = 0.250 | +9.0 [+4.0, +15.0], p = 0.004 "
+        "| +10.0 [+0.0, +25.0], p = 0.500 |",
+        "| PGD-AT + DER | 0.1 | best | 81.0 [72.2, 87.5] | 70.0 [60.4, 78.1] | 65.0 [43.3, 81.9] |",
+        "| PGD-AT + DER | 0.1 | last | 83.0 [74.5, 89.1] | 67.0 [57.3, 75.4] | – |",
+        "| PGD-AT + DER | | Δ best − last | -2.0 [-5.0, +0.0], p = 0.500 | +3.0 [+0.0, +7.0], p = 0.250 "
+        "| +0.0 [+0.0, +0.0], p = 1.000 |",
+        "| Δ DER − base | | best | -1.0 [-3.0, +0.0], p = 1.000 | +1.0 [+0.0, +3.0], p = 1.000 "
+        "| +0.0 [+0.0, +0.0], p = 1.000 |",
+        "| Δ DER − base | | last | -2.0 [-5.0, +0.0], p = 0.500 | +7.0 [+2.0, +12.0], p = 0.016 "
+        "| +10.0 [+0.0, +25.0], p = 0.500 |",
+        "| TRADES (trades-run) | 0.1 | best | 82.0 [73.3, 88.3] | 69.0 [59.4, 77.2] | 65.0 [43.3, 81.9] |"]
+    assert len(lines) == 2 + 2 * 8 + 2 and "†: AutoAttack's own checks raised warnings" in lines[-1]
+    assert "†" not in report.co_table(METHODS, EVALS, FLAGS)  # no CO checkpoint warned
+
+
+def test_paired_tests_refuse_flags_of_different_images():
+    other = {**FLAGS["pgd", "der"], "test_sha256": "def", "run": "pgd", "variant": "der"}
+    with pytest.raises(UserError, match=r"metrics/eval/r\.v\.flags\.json and metrics/eval/pgd\.der\.flags\.json "
+                                        r"cover different test images \(test_sha256 'abc' vs 'def'\)"):
+        report.summary(METHODS, EVALS, TRAINS, {**FLAGS, ("pgd", "der"): other}, STANDARD)
 
 
 def test_family_follows_the_method():
-    assert [report.family(m) for m in ("fgsm", "rs-fgsm", "n-fgsm", "pgd", "trades")] == ["co"] * 3 + ["ro"] * 2
+    assert [report.family(m) for m in ("fgsm", "rs-fgsm", "n-fgsm", "gradalign", "pgd", "trades")] == \
+        ["co"] * 4 + ["ro"] * 2
 
 
 def test_report_stage_merges_score_and_writes_tables(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "metrics/eval").mkdir(parents=True)
     (tmp_path / "metrics/train").mkdir(parents=True)
-    for (run, variant), e in EVALS.items():
+    for (run, variant), (e, f) in RUNS.items():
         (tmp_path / f"metrics/eval/{run}.{variant}.json").write_text(json.dumps(e))
+        (tmp_path / f"metrics/eval/{run}.{variant}.flags.json").write_text(json.dumps(f))
         (tmp_path / f"metrics/train/{run}.{variant}.json").write_text(json.dumps(TRAINS[run, variant]))
     params = parse({"runs": {"fgsm": {"method": "fgsm", "eps": 0.3}, "pgd": {"method": "pgd"}}})
     with pytest.raises(UserError, match="metrics/eval/standard.base.json: file not found"):
@@ -96,13 +158,16 @@ def test_report_stage_merges_score_and_writes_tables(tmp_path, monkeypatch):
     (tmp_path / "metrics/train/standard.base.json").write_text(json.dumps({"eps": 0.1, "final_val_clean_acc": 0.9}))
     report_stage.run(params)
     first = json.loads((tmp_path / "metrics/summary.json").read_text())
-    assert "gen.pca-local.der.fid" not in first and first["ro.pgd.base.last.aa_acc"] == 0.57
+    assert first == report.summary(METHODS, EVALS, TRAINS, FLAGS, STANDARD)
     (tmp_path / "metrics/score.json").write_text(json.dumps({"gen.pca-local.der.fid": 31.5}))
     report_stage.run(params)
     summary = json.loads((tmp_path / "metrics/summary.json").read_text())
     assert summary == {**first, "gen.pca-local.der.fid": 31.5}
-    assert (tmp_path / "metrics/co_table.md").read_text() == report.co_table(METHODS, EVALS)
-    assert (tmp_path / "metrics/ro_table.md").read_text().startswith("| Method | ε | Checkpoint |")
+    assert (tmp_path / "metrics/co_table.md").read_text() == report.co_table(METHODS, EVALS, FLAGS)
+    assert (tmp_path / "metrics/ro_table.md").read_text() == report.ro_table(METHODS, EVALS, FLAGS)
+    (tmp_path / "metrics/eval/pgd.der.flags.json").unlink()
+    with pytest.raises(UserError, match="metrics/eval/pgd.der.flags.json: file not found"):
+        report_stage.run(params)
 
 
 def test_training_table_rows_flag_co_divergence_and_gap():

@@ -1,21 +1,28 @@
 """The summary of a pipeline run: flat, stable metric keys and the paper-layout Markdown tables.
 
-Pure functions over the metrics dicts the stages wrote (metrics/eval, metrics/train, metrics/score.json);
-nothing is recomputed. Keys: `standard.<metric>`, `co.<run>.<variant>.<metric>` (final checkpoint),
-`ro.<run>.<variant>.<checkpoint>.<metric>`, `*.der_gain.*` (DER minus base), plus score.json's own keys.
+Pure functions over what the stages wrote (metrics/eval, its per-example flags, metrics/train, metrics/score.json);
+nothing expensive is recomputed. Keys: `standard.<metric>`, `co.<run>.<variant>.<metric>` (final checkpoint),
+`ro.<run>.<variant>.<checkpoint>.<metric>`, each accuracy with its Wilson 95 % interval (`<metric>_lo`,
+`<metric>_hi`) and `aa_warnings`; `*.der_gain.*` (DER minus base on the same images) and, for multi-step runs,
+`ro.<run>.<variant>.best_minus_last.*`, each difference with its paired-bootstrap 95 % interval (`_lo`, `_hi`)
+and exact McNemar p-value (`_p`); plus score.json's own keys.
 """
 from __future__ import annotations
 
 import re
 
+from . import stats
+from .errors import UserError
 from .params import SINGLE_STEP, VARIANTS
 from .train import RO_WINDOW
 
 FINAL = "last"
-METHOD_NAMES = {"fgsm": "FGSM", "rs-fgsm": "RS-FGSM", "n-fgsm": "N-FGSM", "pgd": "PGD-AT", "trades": "TRADES"}
+METHOD_NAMES = {"fgsm": "FGSM", "rs-fgsm": "RS-FGSM", "n-fgsm": "N-FGSM", "gradalign": "GradAlign", "pgd": "PGD-AT",
+                "trades": "TRADES"}
 TRAIN_KEYS = {"co": ("catastrophic_overfitting", "co_epoch", "co_at_end", "diverged"),
               "ro": ("best_epoch", "best_val_pgd_acc", "robust_overfitting_gap", "robust_overfitting_gap_smoothed",
                      "diverged")}
+WARNED = "†"  # marks an AutoAttack number whose run raised a warning
 
 
 def family(method: str) -> str:
@@ -29,39 +36,100 @@ def accuracies(eval_metrics: dict, checkpoint: str) -> dict[str, float]:
     return {m.group(1): v for k, v in eval_metrics.items() if (m := pattern.match(k))}
 
 
+def with_intervals(eval_metrics: dict, checkpoint: str) -> dict[str, float]:
+    """`accuracies` plus each one's Wilson interval (`<metric>_lo`, `<metric>_hi`) and `aa_warnings` when run."""
+    out = {}
+    for metric, acc in accuracies(eval_metrics, checkpoint).items():
+        out[metric] = acc
+        out.update({f"{metric}{b}": eval_metrics[f"{checkpoint}.{metric}{b}"] for b in ("_lo", "_hi")
+                    if f"{checkpoint}.{metric}{b}" in eval_metrics})
+    if f"{checkpoint}.aa.warnings" in eval_metrics:
+        out["aa_warnings"] = eval_metrics[f"{checkpoint}.aa.warnings"]
+    return out
+
+
 def strongest_pgd(eval_metrics: dict) -> str | None:
     """The key (e.g. `pgd50_acc`) of the PGD evaluation with the most steps."""
     steps = [int(m.group(1)) for k in eval_metrics if (m := re.match(r"^[a-z]+\.pgd(\d+)_acc$", k))]
     return f"pgd{max(steps)}_acc" if steps else None
 
 
+# ------------------------------------------------------------------------------------------- paired tests
+
+def _flags(flag_file: dict, checkpoint: str, metric: str) -> list[bool] | None:
+    """Per-example correctness behind `<checkpoint>.<metric>` (a flags file key such as `last.pgd50`)."""
+    v = flag_file.get(f"{checkpoint}.{metric.removesuffix('_acc')}")
+    return None if v is None else [c == "1" for c in v]
+
+
+def paired(flags_a: dict, ck_a: str, flags_b: dict, ck_b: str, metrics: list[str]) -> dict[str, dict]:
+    """Per accuracy metric: b minus a on the same images (`stats.paired_difference`), where both have flags."""
+    for key in ("test_sha256", "n", "aa_n"):  # a paired test needs the same test images behind both files
+        if flags_a.get(key) != flags_b.get(key):
+            names = [f"metrics/eval/{f.get('run')}.{f.get('variant')}.flags.json" for f in (flags_a, flags_b)]
+            raise UserError(f"{names[0]} and {names[1]} cover different test images ({key} {flags_a.get(key)!r} "
+                            f"vs {flags_b.get(key)!r}); re-run evaluate for both")
+    out = {}
+    for metric in metrics:
+        a, b = _flags(flags_a, ck_a, metric), _flags(flags_b, ck_b, metric)
+        if a is not None and b is not None:
+            out[metric] = stats.paired_difference(a, b)
+    return out
+
+
+def _diff_keys(where: str, diffs: dict[str, dict]) -> dict:
+    out = {}
+    for metric, d in diffs.items():
+        out.update({f"{where}.{metric}": round(d["diff"], 4), f"{where}.{metric}_lo": round(d["lo"], 4),
+                    f"{where}.{metric}_hi": round(d["hi"], 4), f"{where}.{metric}_p": float(f"{d['p']:.4g}")})
+    return out
+
+
+def _checkpoints(fam: str, eval_metrics: dict) -> tuple[str, ...]:
+    return (FINAL,) if fam == "co" else tuple(ck for ck in ("best", "last") if accuracies(eval_metrics, ck))
+
+
 def summary(methods: dict[str, str], evals: dict[tuple[str, str], dict], trains: dict[tuple[str, str], dict],
-            standard_eval: dict, score: dict | None = None) -> dict:
-    """Flat summary. `methods`: run -> training method; `evals`/`trains`: (run, variant) -> that stage's JSON."""
-    out = {"n_examples": standard_eval.get("n_examples")}
-    out.update({f"standard.{k}": v for k, v in accuracies(standard_eval, FINAL).items()})
+            flags: dict[tuple[str, str], dict], standard_eval: dict, score: dict | None = None) -> dict:
+    """Flat summary. `methods`: run -> training method; `evals`/`trains`/`flags`: (run, variant) -> that stage's
+    JSON (flags: the evaluate flags file)."""
+    out = {"n_examples": standard_eval.get("n_examples"), "aa_examples": standard_eval.get("aa_examples")}
+    out.update({f"standard.{k}": v for k, v in with_intervals(standard_eval, FINAL).items()})
     for run, method in methods.items():
         fam = family(method)
-        checkpoints = (FINAL,) if fam == "co" else tuple(
-            ck for ck in ("best", "last") if accuracies(evals[run, "base"], ck))
+        checkpoints = _checkpoints(fam, evals[run, "base"])
         out[f"{fam}.{run}.eps"] = evals[run, "base"].get("eps")
         for variant in VARIANTS:
             prefix = f"{fam}.{run}.{variant}"
             for ck in checkpoints:
                 where = prefix if fam == "co" else f"{prefix}.{ck}"
-                out.update({f"{where}.{k}": v for k, v in accuracies(evals[run, variant], ck).items()})
+                out.update({f"{where}.{k}": v for k, v in with_intervals(evals[run, variant], ck).items()})
+            if fam == "ro" and checkpoints == ("best", "last"):
+                metrics = list(accuracies(evals[run, variant], "last"))
+                out.update(_diff_keys(f"{prefix}.best_minus_last",
+                                      paired(flags[run, variant], "last", flags[run, variant], "best", metrics)))
             train = trains.get((run, variant), {})
             out.update({f"{prefix}.{k}": train[k] for k in TRAIN_KEYS[fam] if k in train})
         for ck in checkpoints:
-            base, der = accuracies(evals[run, "base"], ck), accuracies(evals[run, "der"], ck)
             where = f"{fam}.{run}.der_gain" if fam == "co" else f"{fam}.{run}.der_gain.{ck}"
-            out.update({f"{where}.{k}": round(der[k] - base[k], 4) for k in base if k in der})
+            metrics = list(accuracies(evals[run, "base"], ck))
+            out.update(_diff_keys(where, paired(flags[run, "base"], ck, flags[run, "der"], ck, metrics)))
     out.update(score or {})
     return out
 
 
-def _pct(v: float | None) -> str:
-    return "–" if v is None else f"{100 * v:.1f}"
+# ------------------------------------------------------------------------------------------- tables
+
+def _cell(acc: dict, metric: str) -> str:
+    """`72.0 [62.5, 79.9]` (%, Wilson 95 %), a dagger on AutoAttack when its run raised warnings, `–` when absent."""
+    if metric not in acc:
+        return "–"
+    text = stats.fmt_pct_interval(acc[metric], acc[f"{metric}_lo"], acc[f"{metric}_hi"])
+    return text + (f" {WARNED}" if metric == "aa_acc" and acc.get("aa_warnings") else "")
+
+
+def _diff_cell(diffs: dict, metric: str) -> str:
+    return stats.fmt_diff(diffs[metric]) if metric in diffs else "–"
 
 
 def _name(run: str, method: str) -> str:
@@ -80,48 +148,70 @@ def _label(run: str, method: str, variant: str) -> str:
     return _name(run, method) + (" + DER" if variant == "der" else "")
 
 
-def _acc_cells(acc: dict[str, float], pgd: str) -> str:
-    """The `clean | PGD | AA |` cells of a table row, in %."""
-    return f"{_pct(acc.get('clean_acc'))} | {_pct(acc.get(pgd))} | {_pct(acc.get('aa_acc'))} |"
-
-
-def co_table(methods: dict[str, str], evals: dict[tuple[str, str], dict]) -> str:
-    """Catastrophic overfitting: single-step runs, base vs + DER, final checkpoint."""
-    runs, pgd = _family_runs(methods, evals, "co")
-    lines = [f"| Method | ε | Clean | PGD-{pgd[3:-4]} | AA |", "|---|---:|---:|---:|---:|"]
-    for run in runs:
-        for variant in VARIANTS:
-            e = evals[run, variant]
-            lines.append(f"| {_label(run, methods[run], variant)} | {e.get('eps', 0):g} | "
-                         + _acc_cells(accuracies(e, FINAL), pgd))
-    if not runs:
-        lines.append("| (no single-step runs in params.yaml) | | | | |")
-    n = _first(evals, runs, "n_examples")
-    return "\n".join(lines) + (f"\n\nAccuracy (%) on the first {n} test images, final checkpoint; PGD with "
-                               f"{_first(evals, runs, 'restarts')} restarts; AA: standard AutoAttack.\n")
-
-
-def ro_table(methods: dict[str, str], evals: dict[tuple[str, str], dict]) -> str:
-    """Robust overfitting: multi-step runs, base vs + DER, best (by validation PGD) and last checkpoints."""
-    runs, pgd = _family_runs(methods, evals, "ro")
-    lines = [f"| Method | ε | Checkpoint | Clean | PGD-{pgd[3:-4]} | AA |", "|---|---:|---|---:|---:|---:|"]
-    for run in runs:
-        for variant in VARIANTS:
-            e = evals[run, variant]
-            for ck in ("best", "last"):
-                if acc := accuracies(e, ck):
-                    lines.append(f"| {_label(run, methods[run], variant)} | {e.get('eps', 0):g} | {ck} | "
-                                 + _acc_cells(acc, pgd))
-    if not runs:
-        lines.append("| (no multi-step runs in params.yaml) | | | | | |")
-    n = _first(evals, runs, "n_examples")
-    return "\n".join(lines) + (f"\n\nAccuracy (%) on the first {n} test images; best = epoch of highest validation "
-                               f"PGD accuracy, last = final epoch; PGD with {_first(evals, runs, 'restarts')} "
-                               "restarts; AA: standard AutoAttack.\n")
-
-
 def _first(evals: dict, runs: list[str], key: str):
     return next((evals[r, "base"].get(key) for r in runs), "?")
+
+
+def _footnote(evals: dict, runs: list[str], checkpoints: str, warned: bool) -> str:
+    """What the numbers are: sample sizes, intervals, the paired tests, the AutoAttack warning mark."""
+    n_aa = _first(evals, runs, "aa_examples")
+    text = (f"\n\nAccuracy (%) with its Wilson 95 % interval: clean and PGD on the first {_first(evals, runs, 'n_examples')}"
+            f" test images, " + (f"AA (standard AutoAttack) on the first {n_aa} of them" if n_aa else "AA not run")
+            + f"; {checkpoints}; PGD with {_first(evals, runs, 'restarts')} restarts. Differences (Δ rows) in "
+            "percentage points on the same images: paired-bootstrap 95 % interval and exact McNemar p-value.")
+    if warned:
+        text += (f" {WARNED}: AutoAttack's own checks raised warnings for this checkpoint (e.g. Square broke points "
+                 "the gradient attacks missed: the number may overstate robustness); see "
+                 "metrics/eval/<run>.<variant>.autoattack.log.")
+    return text + "\n"
+
+
+def co_table(methods: dict[str, str], evals: dict[tuple[str, str], dict], flags: dict[tuple[str, str], dict]) -> str:
+    """Catastrophic overfitting: single-step runs, base vs + DER, final checkpoint, and DER − base."""
+    runs, pgd = _family_runs(methods, evals, "co")
+    metrics = ("clean_acc", pgd, "aa_acc")
+    lines = [f"| Method | ε | Clean | PGD-{pgd[3:-4]} | AA |", "|---|---:|---:|---:|---:|"]
+    warned = False
+    for run in runs:
+        for variant in VARIANTS:
+            e, acc = evals[run, variant], with_intervals(evals[run, variant], FINAL)
+            warned = warned or bool(acc.get("aa_warnings"))
+            lines.append(f"| {_label(run, methods[run], variant)} | {e.get('eps', 0):g} | "
+                         + " | ".join(_cell(acc, m) for m in metrics) + " |")
+        diffs = paired(flags[run, "base"], FINAL, flags[run, "der"], FINAL, list(metrics))
+        lines.append("| Δ DER − base | | " + " | ".join(_diff_cell(diffs, m) for m in metrics) + " |")
+    if not runs:
+        lines.append("| (no single-step runs in params.yaml) | | | | |")
+    return "\n".join(lines) + _footnote(evals, runs, "final checkpoint", warned)
+
+
+def ro_table(methods: dict[str, str], evals: dict[tuple[str, str], dict], flags: dict[tuple[str, str], dict]) -> str:
+    """Robust overfitting: multi-step runs, base vs + DER, best (by validation PGD) and last checkpoints, with
+    best − last per variant and DER − base per checkpoint."""
+    runs, pgd = _family_runs(methods, evals, "ro")
+    metrics = ("clean_acc", pgd, "aa_acc")
+    lines = [f"| Method | ε | Checkpoint | Clean | PGD-{pgd[3:-4]} | AA |", "|---|---:|---|---:|---:|---:|"]
+    warned = False
+    for run in runs:
+        checkpoints = _checkpoints("ro", evals[run, "base"])
+        for variant in VARIANTS:
+            e, label = evals[run, variant], _label(run, methods[run], variant)
+            for ck in checkpoints:
+                acc = with_intervals(e, ck)
+                warned = warned or bool(acc.get("aa_warnings"))
+                lines.append(f"| {label} | {e.get('eps', 0):g} | {ck} | " + " | ".join(_cell(acc, m) for m in metrics)
+                             + " |")
+            if checkpoints == ("best", "last"):
+                diffs = paired(flags[run, variant], "last", flags[run, variant], "best", list(metrics))
+                lines.append(f"| {label} | | Δ best − last | " + " | ".join(_diff_cell(diffs, m) for m in metrics)
+                             + " |")
+        for ck in checkpoints:
+            diffs = paired(flags[run, "base"], ck, flags[run, "der"], ck, list(metrics))
+            lines.append(f"| Δ DER − base | | {ck} | " + " | ".join(_diff_cell(diffs, m) for m in metrics) + " |")
+    if not runs:
+        lines.append("| (no multi-step runs in params.yaml) | | | | | |")
+    return "\n".join(lines) + _footnote(
+        evals, runs, "best = epoch of highest validation PGD accuracy, last = final epoch", warned)
 
 
 def _num(v, fmt: str = "{:.3f}") -> str:

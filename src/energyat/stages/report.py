@@ -1,8 +1,9 @@
 """Stage `report`: metrics/summary.json, the CO / RO tables (metrics/co_table.md, metrics/ro_table.md) and the
 training table (metrics/train_table.md).
 
-Reads metrics/eval/*.json, metrics/train/*.json and, when present, metrics/score.json (generation metrics,
-merged as they are).
+Reads metrics/eval/*.json (accuracies with Wilson intervals, and the per-example flags from which the paired
+DER − base and best − last tests are computed), metrics/train/*.json and, when present, metrics/score.json
+(generation metrics, merged as they are).
 """
 from __future__ import annotations
 
@@ -14,17 +15,19 @@ from ..params import VARIANTS, Params
 from ..runtime import log
 
 SCORE = Path("metrics/score.json")
+EVAL = Path("metrics/eval")
 
 
 def run(params: Params) -> None:
     methods = {r: params.run(r).train.method for r in params.run_names()}
     pairs = [(r, v) for r in methods for v in VARIANTS]
-    evals = {(r, v): read_json(Path("metrics/eval") / f"{r}.{v}.json") for r, v in pairs}
+    evals = {(r, v): read_json(EVAL / f"{r}.{v}.json") for r, v in pairs}
+    flags = {(r, v): read_json(EVAL / f"{r}.{v}.flags.json") for r, v in pairs}
     trains = {(r, v): read_json(Path("metrics/train") / f"{r}.{v}.json") for r, v in pairs}
-    standard = read_json("metrics/eval/standard.base.json")
+    standard = read_json(EVAL / "standard.base.json")
     score = read_json(SCORE) if SCORE.is_file() else None
-    summary = report.summary(methods, evals, trains, standard, score)
-    co, ro = report.co_table(methods, evals), report.ro_table(methods, evals)
+    summary = report.summary(methods, evals, trains, flags, standard, score)
+    co, ro = report.co_table(methods, evals, flags), report.ro_table(methods, evals, flags)
     trains_all = {("standard", "base"): read_json("metrics/train/standard.base.json"), **trains}
     write_text("metrics/train_table.md", report.training_table(methods, trains_all))
     write_text("metrics/co_table.md", co)
