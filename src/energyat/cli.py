@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         _record(exc)
         return 1
+    finally:
+        distributed.shutdown()  # a rank that exits with its process group alive can abort in gloo's teardown
     return 0
 
 
