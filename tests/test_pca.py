@@ -66,10 +66,17 @@ def test_local_fits_use_neighbours_of_anchors_within_the_class():
         cluster = x[(x - x[a]).norm(dim=1) < 3]
         assert cluster.shape[0] == 10
         torch.testing.assert_close(fit["mean"], cluster.mean(0), atol=1e-5, rtol=0)
-        assert float(fit["retained"]) >= 0.9
+        # the fit of exactly those k images: the same subspace (up to component signs) and retained variance
+        whole = pca.fit(cluster, 0.9)
+        assert fit["components"].shape == whole["components"].shape
+        torch.testing.assert_close(fit["components"].T @ fit["components"], whole["components"].T @ whole["components"],
+                                   atol=1e-5, rtol=0)
+        assert float(fit["retained"]) == pytest.approx(float(whole["retained"]), abs=1e-6)
     # fewer images than anchors or neighbours: each image anchors once, the whole class is fitted
-    fits, classes, _ = pca.local_classwise(x, y, 2, 0.9, k=50, n_anchors=50, generator=torch.Generator())
-    assert classes.tolist() == [0] * 20 + [1] * 10
+    fits, classes, anchors = pca.local_classwise(x, y, 2, 0.9, k=50, n_anchors=50, generator=torch.Generator())
+    assert classes.tolist() == [0] * 20 + [1] * 10 and sorted(anchors.tolist()) == list(range(30))
+    torch.testing.assert_close(fits[0]["mean"], c0.mean(0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(fits[-1]["mean"], c1.mean(0), atol=1e-5, rtol=0)
 
 
 def test_classwise_fits_each_class_and_rejects_a_single_image():

@@ -217,7 +217,8 @@ class ScoreCfg:
     inception_fid: bool | str = "auto"
     # TF inception-2015-12-05 pool3 as TorchScript (`make inception`); empty: its copy in the torch hub cache
     inception_fid_file: str = ""
-    inception_reference: int = field(default=0, metadata=_range(0))  # training images Inception FID compares against; 0: all
+    # training images (the first n) Inception FID compares against; 0: all
+    inception_reference: int = field(default=0, metadata=_range(0))
 
     def __post_init__(self):
         value = self.inception_fid

@@ -15,9 +15,10 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from . import pca
+from . import distributed, pca
 from .data import batches, to_float
 from .energy import joint_energy
+from .robustness import block_seed
 from .runtime import autocast, progress
 
 # ---------------------------------------------------------------------------------------------- priors
@@ -143,6 +144,21 @@ class Chains:
             {t: torch.cat([p.snapshots[t] for p in parts]) for t in parts[0].snapshots},
         )
 
+    @staticmethod
+    def empty(shape: tuple[int, ...], steps: int, snapshots: tuple[int, ...], device: torch.device) -> Chains:
+        """No chains: what a rank without blocks contributes."""
+        return Chains(torch.empty((0, *shape), device=device), torch.empty((steps + 1, 0), device=device),
+                      torch.empty((steps + 1, 0), dtype=torch.bool, device=device),
+                      torch.empty(0, dtype=torch.int64, device=device),
+                      {t: torch.empty((0, *shape), device=device) for t in sorted(set(snapshots))})
+
+    def gather(self) -> Chains:
+        """Every rank's chains, concatenated in rank order, on every rank (itself for one process); every rank
+        issues the same collectives in the same order, blocks or none."""
+        return Chains(distributed.gather_cat(self.x), distributed.gather_cat(self.energy.T.contiguous()).T,
+                      distributed.gather_cat(self.stopped.T.contiguous()).T, distributed.gather_cat(self.steps_used),
+                      {t: distributed.gather_cat(self.snapshots[t]) for t in sorted(self.snapshots)})
+
 
 def _energy_and_grad(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     x = x.detach().requires_grad_(True)
@@ -208,19 +224,26 @@ def sgld(model: nn.Module, x0: Tensor, y: Tensor, *, steps: int, step_size: floa
 
 
 def generate(model: nn.Module, draw: Draw, prior: Any, y: Tensor, shape: tuple[int, ...], *, sigma_pca: float,
-             batch_size: int, generator: torch.Generator, **sgld_kwargs) -> Chains:
-    """Start points from `draw` for labels `y`, then `sgld` on them, `batch_size` chains at a time.
+             block_size: int, seed: int, **sgld_kwargs) -> Chains:
+    """Start points from `draw` for labels `y`, then `sgld` on them: all chains, in the order of `y`, on every rank.
 
-    `target` in `sgld_kwargs`, if any, is per class (K,) here and indexed by the labels of each batch.
+    The chains are cut into fixed-size blocks of their global index, run `block_size` at a time; block b draws
+    its starts and noise from its own generator, seeded by (seed, b), and this rank runs only its own blocks
+    (`distributed.owned_blocks`) before the blocks are gathered. So the samples depend on `seed` and
+    `block_size`, never on the number of ranks. `target` in `sgld_kwargs`, if any, is per class (K,) here.
     """
     target = sgld_kwargs.pop("target", None)
+    device = y.device
     parts = []
-    for i in progress(range(0, y.shape[0], batch_size), desc="SGLD", total=-(-y.shape[0] // batch_size)):
-        yb = y[i:i + batch_size]
+    for b, rows in progress(distributed.owned_blocks(y.shape[0], block_size), desc="SGLD"):
+        generator = torch.Generator(device).manual_seed(block_seed(seed, "sgld", b))
+        yb = y[rows]
         x0 = draw(yb, prior, shape, sigma_pca, generator)
         parts.append(sgld(model, x0, yb, generator=generator,
                           target=None if target is None else target[yb], **sgld_kwargs))
-    return Chains.cat(parts)
+    mine = Chains.cat(parts) if parts else Chains.empty(shape, sgld_kwargs["steps"],
+                                                       tuple(sgld_kwargs.get("snapshots", ())), device)
+    return mine.gather()
 
 
 @torch.no_grad()

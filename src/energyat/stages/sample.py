@@ -2,7 +2,8 @@
 
 Writes data/samples/<sampler>/{base,der}.pt (uint8 images, labels, steps used, step-sweep snapshots),
 plots/samples/<sampler>.{base,der}.png (classes × examples), plots/sampling/<sampler>.{base,der}.tsv
-(per-step mean energy and fraction stopped) and metrics/sample/<sampler>.json.
+(per-step mean energy and fraction stopped) and metrics/sample/<sampler>.json. Under torchrun every rank
+runs its own blocks of chains (`sampling.generate`), the chains are gathered, and only rank 0 writes.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from torchvision.utils import make_grid
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
-from .. import checkpoint, data, sampling
+from .. import checkpoint, data, distributed, sampling
 from ..artifacts import load_torch, save_figure, save_torch, write_json, write_text
 from ..errors import UserError
 from ..params import VARIANTS, Params
@@ -115,11 +116,13 @@ def run(params: Params, sampler: str) -> None:
         start = time.perf_counter()
         target = sampling.class_mean_energy(model, train.x[ref], train.y[ref], k, cfg.batch_size, device).to(device)
         chains = sampling.generate(
-            model, spec.draw, prior, y, shape, sigma_pca=cfg.sigma_pca, batch_size=cfg.batch_size,
-            generator=torch.Generator(device).manual_seed(params.seed),  # same starts for base and DER
+            model, spec.draw, prior, y, shape, sigma_pca=cfg.sigma_pca, block_size=cfg.batch_size,
+            seed=params.seed,  # the same for base and DER: the same starts and noise
             steps=cfg.steps, step_size=cfg.step_size, momentum=cfg.momentum, noise=cfg.noise,
             target=target, tau=cfg.tau if scfg.adaptive else None, snapshots=cfg.step_sweep)
         seconds = time.perf_counter() - start
+        if not distributed.context().main:
+            continue
         x8, y_cpu = to_uint8(chains.x), y.cpu()
         save_torch(samples_path(sampler, variant), {
             "x": x8, "y": y_cpu, "steps_used": chains.steps_used.cpu(), "class_energy": target.cpu(),
@@ -145,4 +148,5 @@ def run(params: Params, sampler: str) -> None:
         log(f"sample {sampler} {variant}: {y.numel()} samples, {metrics[f'{key}.{variant}.steps_used']} steps, "
             f"E {float(energy[0]):.2f} -> {float(energy[-1]):.2f} (train {e_train:.2f}), "
             f"{float(stopped[-1]):.0%} stopped, {seconds:.1f}s")
-    write_json(f"metrics/sample/{sampler}.json", metrics)
+    if distributed.context().main:
+        write_json(f"metrics/sample/{sampler}.json", metrics)

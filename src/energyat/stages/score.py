@@ -1,7 +1,9 @@
 """`score` stage: IS, FID and diversity of every sampler's samples, base and DER.
 
-Classifier-feature metrics (the `standard` model's features, against the training set) always;
-Inception IS/FID only from a local weights file, else "not computed". Writes metrics/score.json
+Classifier-feature metrics (the `standard` model's features, against the training set) always; Inception
+FID when `score.inception_fid` turns the Inception pass on (auto: under CUDA) and a weights file is at hand
+(the TorchScript pool3 file of `make inception`, or torch-fidelity's own weights, which add Inception IS),
+against the first `score.inception_reference` training images; else "not computed". Writes metrics/score.json
 (flat keys gen.<sampler>.<variant>.<metric>), metrics/generation.md (the table),
 plots/generation/sweep.tsv and plots/generation/quality_diversity.png (FID vs diversity across
 SGLD step counts).
@@ -57,15 +59,25 @@ def figure(rows: list[dict], real: dict):
     return fig
 
 
-def table(metrics: dict, samplers: list[str], inception: bool, standard_arch: str) -> str:
-    cols = ["IS", "FID", "diversity", "mean steps"] + (["Inception IS", "Inception FID"] if inception else [])
+def inception_note(inception: tuple[str, object] | None, n_reference: int) -> str:
+    """What the table's Inception columns are, in one sentence."""
+    if inception is None:
+        return ("Inception IS/FID: not computed (`score.inception_fid` is off, or no Inception file; "
+                "`make inception`, then `-S score.inception_fid=true`).")
+    if inception[0] == fidelity.INCEPTION:
+        return f"Inception IS/FID: torch-fidelity's Inception-v3 weights, FID against {n_reference} training images."
+    return (f"Inception FID: TF inception-2015-12-05 pool3 (TorchScript from {fidelity.INCEPTION_POOL3_WHEEL}), "
+            f"against {n_reference} training images; Inception IS: not computed (that file has no logits).")
+
+
+def table(metrics: dict, samplers: list[str], inception_text: str, standard_arch: str) -> str:
+    cols = ["IS", "FID", "diversity", "mean steps", "Inception IS", "Inception FID"]
     lines = [
         "# Generation: IS, FID and diversity per model and sampler",
         "",
         f"IS/FID/diversity on the features of the `standard` {standard_arch} classifier (classifier-feature "
         "metrics, not comparable with Inception numbers in the literature), FID against the training set. "
-        + ("Inception IS/FID from the local weights file." if inception else
-           "Inception IS/FID: not computed (no local Inception weights; set `score.inception_weights`)."),
+        + inception_text,
         "",
         "| model | sampler | " + " | ".join(cols) + " |",
         "|---|---|" + "---|" * len(cols),
@@ -76,12 +88,10 @@ def table(metrics: dict, samplers: list[str], inception: bool, standard_arch: st
     for variant in VARIANTS:
         for sampler in samplers:
             k = f"gen.{sampler}.{variant}"
-            vals = [metrics[f"{k}.is"], metrics[f"{k}.fid"], metrics[f"{k}.diversity"], metrics[f"{k}.steps"]]
-            if inception:
-                vals += [metrics[f"{k}.inception_is"], metrics[f"{k}.inception_fid"]]
+            vals = [metrics[f"{k}.{m}"] for m in ("is", "fid", "diversity", "steps", "inception_is", "inception_fid")]
             lines.append(f"| {variant} | {sampler} | " + " | ".join(fmt(v) for v in vals) + " |")
-    lines.append(f"| real (val) | — | {fmt(metrics['gen.real.is'])} | {fmt(metrics['gen.real.fid'])} | "
-                 f"{fmt(metrics['gen.real.diversity'])} | — |" + (" — | — |" if inception else ""))
+    real = [fmt(metrics[f"gen.real.{m}"]) for m in ("is", "fid", "diversity", "inception_is", "inception_fid")]
+    lines.append("| real (val) | — | " + " | ".join(real[:3]) + " | — | " + " | ".join(real[3:]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -95,43 +105,46 @@ def run(params: Params) -> None:
     standard = params.run("standard").model
     checkpoint.load(STANDARD, expect={**checkpoint.model_id(standard), "dataset": meta["dataset"], "method": "standard"})
     sets = {(s, v): load_samples(samples_path(s, v), meta) for s in samplers for v in VARIANTS}
-    inception = fidelity.inception_weights(cfg.inception_weights)
+    inception = fidelity.choose_inception(cfg, device.type)
     reference = splits["train"].x[:cfg.n_reference or None]
+    inc_reference = splits["train"].x[:cfg.inception_reference or None]
     n = next(iter(sets.values()))["x"].shape[0]
     real = splits["val"]
     real_x, real_y = real.x[:n], real.y[:n]  # held-out real images, as many as a sample set: the floor at this n
-    log(f"score: {len(sets)} sample sets of {n} images against {reference.shape[0]} training images; "
-        f"Inception: {inception or NOT_COMPUTED}")
+    log(f"score: {len(sets)} sample sets of {n} images against {reference.shape[0]} training images; Inception: "
+        + (f"{inception[0]} from {inception[1]}, against {inc_reference.shape[0]} training images" if inception else
+           f"{NOT_COMPUTED} (score.inception_fid={str(cfg.inception_fid).lower()} on {device.type})"))
 
     opts = dict(device=device, batch_size=cfg.batch_size, seed=params.seed)
     scorer = fidelity.Scorer(fidelity.CLASSIFIER, STANDARD, reference, **opts)
-    inc_scorer = fidelity.Scorer(fidelity.INCEPTION, inception, reference, **opts) if inception else None
+    inc_scorer = fidelity.Scorer(*inception, inc_reference, **opts) if inception else None
     pooled = fidelity.pooled_features(STANDARD, device)
     try:
         def measure(x: torch.Tensor, y: torch.Tensor) -> dict:
             feats = fidelity.features(pooled, x, batch_size=cfg.batch_size)
             return {**scorer.score(x), "diversity": fidelity.diversity(feats, y)}
 
+        def measure_inception(x: torch.Tensor) -> dict:
+            inc = inc_scorer.score(x) if inc_scorer else {}
+            return {"inception_is": inc.get("is", NOT_COMPUTED), "inception_fid": inc.get("fid", NOT_COMPUTED)}
+
         real_m = measure(real_x, real_y)
-        metrics = {"gen.real.is": real_m["is"], "gen.real.fid": real_m["fid"], "gen.real.diversity": real_m["diversity"]}
+        metrics = {f"gen.real.{m}": v for m, v in {**real_m, **measure_inception(real_x)}.items() if m != "is_std"}
         rows = []
         for (sampler, variant), obj in progress(sets.items(), desc="score", total=len(sets)):
             k = f"gen.{sampler}.{variant}"
             final = measure(obj["x"], obj["y"])
             metrics.update({f"{k}.is": final["is"], f"{k}.fid": final["fid"], f"{k}.diversity": final["diversity"],
                             f"{k}.steps": float(obj["steps_used"].float().mean())})
-            if inc_scorer:
-                inc = inc_scorer.score(obj["x"])
-                metrics.update({f"{k}.inception_is": inc["is"], f"{k}.inception_fid": inc["fid"]})
-            else:
-                metrics.update({f"{k}.inception_is": NOT_COMPUTED, f"{k}.inception_fid": NOT_COMPUTED})
+            metrics.update({f"{k}.{m}": v for m, v in measure_inception(obj["x"]).items()})
             rows.append({"sampler": sampler, "variant": variant, "steps": params.sample.steps, **final})
             for t, snap in obj["snapshots"].items():
                 if int(t) == params.sample.steps:  # the final samples, already scored
                     continue
                 rows.append({"sampler": sampler, "variant": variant, "steps": int(t), **measure(snap, obj["y"])})
             log(f"score {sampler} {variant}: IS {final['is']:.3f} FID {final['fid']:.3f} "
-                f"diversity {final['diversity']:.3f} steps {metrics[f'{k}.steps']:.1f}")
+                f"diversity {final['diversity']:.3f} steps {metrics[f'{k}.steps']:.1f}"
+                + (f" Inception FID {metrics[f'{k}.inception_fid']:.2f}" if inc_scorer else ""))
     finally:
         scorer.close()
         if inc_scorer:
@@ -139,7 +152,8 @@ def run(params: Params) -> None:
 
     metrics = {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}
     write_json("metrics/score.json", metrics)
-    write_text("metrics/generation.md", table(metrics, samplers, inc_scorer is not None, standard.arch))
+    write_text("metrics/generation.md", table(metrics, samplers, inception_note(inception, inc_reference.shape[0]),
+                                              standard.arch))
     rows.sort(key=lambda r: (r["sampler"], r["variant"], r["steps"]))
     write_text("plots/generation/sweep.tsv", "sampler\tvariant\tsteps\tis\tfid\tdiversity\n" + "".join(
         f"{r['sampler']}\t{r['variant']}\t{r['steps']}\t{r['is']:.5g}\t{r['fid']:.5g}\t{r['diversity']:.5g}\n"
