@@ -18,6 +18,19 @@ test: install data-source inception-if-possible
 bench: install data-source
 	python -m energyat bench
 
+# The GPU check (scripts/gpu_check.py, README "GPU check"): the paper's recipe shortened, on one CUDA GPU, with the
+# machine's own python3 and torch (no venv, no dvc). ARGS is passed on, e.g. ARGS="--data <cifar10 .tar.gz>", or
+# ARGS="--device cpu --tiny --data <...>" for the CPU dry run.
+.PHONY: gpu-check gpu-wheels
+gpu-check:
+	scripts/gpu-check $(ARGS)
+
+# torch-fidelity and pyautoattack (pure Python, the versions pyproject.toml pins) as wheels in .cache/gpu-wheels,
+# for a GPU machine without a package registry: bring the folder along; scripts/gpu-check installs them offline.
+gpu-wheels:
+	python3 -m pip download -q --no-deps --only-binary=:all: -d .cache/gpu-wheels \
+		$(shell grep -oE '"(torch-fidelity|pyautoattack)==[^"]+"' pyproject.toml | tr -d '"')
+
 # Seeds pooled from the DVC experiments into metrics/seeds.{md,json} (README "Seeds and intervals");
 # ARGS is passed on: experiment names or globs to pool, or --co-study for metrics/co_study.{md,json}.
 .PHONY: aggregate
