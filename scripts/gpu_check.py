@@ -95,8 +95,8 @@ def preset_params(path: Path, plan: Plan, data_path: Path, device: str, seed: in
     raw.update(seed=seed, device=device, threads=plan.threads, model=plan.arch)
     raw["data"] = {**raw["data"], "dataset": "cifar10" if torchvision_root else "image-folder",
                    "source": str(data_path), "val_size": plan.n_val, "augment": "crop-flip"}
-    raw["train"] = {**raw["train"], "epochs": 1, "batch_size": plan.batch, "n_train": plan.n_train, "steps": plan.steps, "n_val": plan.n_val,
-                    "val_steps": plan.val_steps}
+    raw["train"] = {**raw["train"], "epochs": 1, "batch_size": plan.batch, "n_train": plan.n_train,
+                    "steps": plan.steps, "n_val": plan.n_val, "val_steps": plan.val_steps}
     raw["der"] = {**raw["der"], "start_epoch": 1}
     raw["standard"] = {**raw["standard"], "epochs": 1}
     raw["runs"] = {"pgd": {"method": "pgd"}, "fgsm": {"method": "fgsm"}}
@@ -169,155 +169,183 @@ def accuracy(flags: torch.Tensor) -> float:
     return round(flags.float().mean().item(), 4)
 
 
+class Check:
+    """One run of the check: params, data and model factory shared by its stages, which add flat keys to `out`."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args, self.plan = args, TINY if args.tiny else FULL
+        self.params = preset_params(args.preset, self.plan, args.data, args.device, args.seed)
+        self.device = setup(self.params)
+        self.clock = Clock(self.device)
+        self.out: dict = {}
+        with self.clock("data"):
+            self.splits, self.meta = data.prepare(self.params.data, self.params.seed)
+        self.run_pgd, self.run_std = self.params.run("pgd"), self.params.run("standard")
+
+    def model_meta(self, run: P.RunCfg) -> dict:
+        return {**checkpoint.model_meta(run.model, self.meta), "method": run.train.method, "eps": run.train.eps}
+
+    def make_model(self) -> torch.nn.Module:
+        torch.manual_seed(self.params.seed)
+        return checkpoint.new_model(self.model_meta(self.run_pgd))
+
+    def run_for(self, method: str) -> P.RunCfg:
+        return replace(self.run_pgd, name=method, train=replace(self.run_pgd.train, method=method))
+
+    def speed(self) -> None:
+        """The bench (ours vs reference, every method ± DER, as our step runs here), then fp32 and plain figures."""
+        plan, out = self.plan, self.out
+        geometry = (self.meta["channels"], self.meta["size"], self.meta["num_classes"])
+        xb, yb = bench.batch_for(geometry, self.run_pgd.train.batch_size, self.device, self.params.seed)
+        with self.clock("bench"):
+            ratios = bench.compare_all(self.make_model, self.run_for, xb, yb, list(METHODS), rounds=plan.bench_rounds,
+                                       round_seconds=plan.bench_round_seconds, warmup=plan.warmup,
+                                       prefix="bench.train")
+        out.update(ratios)
+        out["bench.below_target"] = bench.below_target(ratios)
+        with self.clock("throughput"):
+            for method in THROUGHPUT:
+                for use_der in (False, True) if METHODS[method].adversarial else (False,):
+                    name = f"{method}{'.der' if use_der else ''}"
+                    out[f"throughput.{name}.bf16.img_per_s"] = ratios[f"bench.train.{name}.img_per_s"]
+                    with fp32_training():
+                        loop = bench.Ours(self.make_model(), self.run_for(method), self.device, use_der)
+                        out[f"throughput.{name}.fp32.img_per_s"] = bench.throughput(loop, xb, yb, plan.fp32_seconds,
+                                                                                   plan.warmup)
+            with torch_default_backends(self.device) as flags:
+                plain = bench.Reference(self.make_model(), self.run_pgd, self.device, bench.Precision(False, False),
+                                        False)
+                out["throughput.pgd.plain_fp32.img_per_s"] = bench.throughput(plain, xb, yb, plan.fp32_seconds,
+                                                                              plan.warmup)
+            out["throughput.pgd.plain_fp32.backends"] = flags
+        pgd = out["throughput.pgd.bf16.img_per_s"]
+        out["throughput.pgd.speedup_vs_plain"] = pgd / out["throughput.pgd.plain_fp32.img_per_s"]
+        out["throughput.pgd.der_cost"] = pgd / out["throughput.pgd.der.bf16.img_per_s"]
+
+    def train(self) -> dict[str, torch.nn.Module]:
+        """One epoch of `standard`, PGD and PGD + DER through `fit` (augmentation and validation included)."""
+        models = {}
+        for name, run, use_der in (("standard", self.run_std, False), ("pgd.base", self.run_pgd, False),
+                                   ("pgd.der", self.run_pgd, True)):
+            model = self.make_model()
+            with self.clock(f"train.{name}"):
+                history = training.fit(model, self.splits["train"], self.splits["val"], run, use_der, self.device,
+                                       self.params.seed, augmentation=self.params.data.augmentation())
+            row = history[-1]
+            self.out.update({f"train.{name}.epoch_seconds": round(row["seconds"], 2),
+                             f"train.{name}.val_clean_acc": round(row["val_clean_acc"], 4),
+                             f"train.{name}.val_pgd_acc": round(row["val_pgd_acc"], 4)})
+            models[name] = model.eval()
+        out = self.out
+        out["train.pgd.der_cost"] = out["train.pgd.der.epoch_seconds"] / out["train.pgd.base.epoch_seconds"]
+        return models
+
+    def evaluate(self, models: dict[str, torch.nn.Module]) -> None:
+        """Clean, PGD-k and standard AutoAttack accuracy of both PGD models."""
+        plan, test, seed = self.plan, self.splits["test"], self.params.seed
+        eps, block, steps = self.run_pgd.train.eps, self.params.evaluate.batch_size, plan.pgd_eval_steps
+        # a seeded random subset: an image folder lists its test images class by class
+        rows = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:plan.n_test]
+        x, y = data.to_float(test.x[rows], self.device), test.y[rows].to(self.device)
+        for variant in ("base", "der"):
+            model, key = models[f"pgd.{variant}"], f"eval.pgd.{variant}"
+            with self.clock(f"evaluate.{variant}"):
+                self.out[f"{key}.clean_acc"] = accuracy(robustness.clean_correct(model, x, y, block))
+                self.out[f"{key}.pgd{steps}_acc"] = accuracy(
+                    robustness.pgd_correct(model, x, y, eps, steps, 1, block, seed))
+                aa_start = time.perf_counter()
+                aa = robustness.run_autoattack(model, x[:plan.n_aa], y[:plan.n_aa], eps, seed, block)
+                aa_seconds = time.perf_counter() - aa_start
+            self.out.update({f"{key}.aa_acc": round(aa.accuracy, 4), f"{key}.aa.warnings": aa.warnings,
+                             f"{key}.aa.seconds_per_100": round(aa_seconds * 100 / plan.n_aa, 2),
+                             **{f"{key}.aa.{a}.seconds": round(s, 2) for a, s in aa.seconds.items()}})
+
+    def sample(self, models: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+        """Local class-wise PCA, then SGLD from its starts with energy-guided stopping: uint8 samples per model."""
+        train, k, seed, scfg = self.splits["train"], self.meta["num_classes"], self.params.seed, self.params.sample
+        with self.clock("pca"):
+            x_flat = data.to_float(train.x[:self.plan.n_train]).flatten(1)
+            fits, classes, _ = pca.local_classwise(x_flat, train.y[:self.plan.n_train], k, self.params.pca.variance,
+                                                   self.params.pca.k, self.params.pca.n_anchors,
+                                                   torch.Generator().manual_seed(seed))
+        self.out["pca.local.components_mean"] = round(sum(f["components"].shape[0] for f in fits) / len(fits), 1)
+        bank = sampling.PcaBank(fits, classes)
+        shape = (self.meta["channels"], self.meta["size"], self.meta["size"])
+        labels = torch.arange(k, device=self.device).repeat_interleave(scfg.samples_per_class)
+        ref_rows = torch.cat([(train.y == c).nonzero().squeeze(1)[:scfg.n_energy] for c in range(k)])
+        samples = {}
+        for variant in ("base", "der"):
+            model = models[f"pgd.{variant}"].requires_grad_(False)
+            with self.clock(f"sample.{variant}"):
+                target = sampling.class_mean_energy(model, train.x[ref_rows], train.y[ref_rows], k, scfg.batch_size,
+                                                    self.device).to(self.device)
+                chains = sampling.generate(
+                    model, sampling.INITS["pca-local"].draw, bank, labels, shape, sigma_pca=scfg.sigma_pca,
+                    block_size=scfg.batch_size, seed=seed, steps=scfg.steps, step_size=scfg.step_size,
+                    momentum=scfg.momentum, noise=scfg.noise, target=target, tau=scfg.tau)
+            samples[variant] = (chains.x * 255).round().clamp(0, 255).to(torch.uint8).cpu()
+            self.out[f"sample.{variant}.steps_used"] = round(chains.steps_used.float().mean().item(), 2)
+        return samples
+
+    def fid(self, standard: torch.nn.Module, samples: dict[str, torch.Tensor]) -> None:
+        """FID of each sample set and of as many real validation images, against training images: on the
+        `standard` model's features, and with Inception where its file is at hand."""
+        reference = self.splits["train"].x[:self.plan.fid_reference]
+        opts = dict(device=self.device, batch_size=self.params.score.batch_size, seed=self.params.seed)
+        sets = {**samples, "real": self.splits["val"].x[:next(iter(samples.values())).shape[0]]}
+        with self.clock("fid"), tempfile.TemporaryDirectory(prefix="energyat-gpu-check-") as tmp:
+            extractor = Path(tmp) / "standard.pt"
+            checkpoint.save(extractor, standard, self.model_meta(self.run_std))
+            scorers = {"classifier": fidelity.Scorer(fidelity.CLASSIFIER, extractor, reference, **opts)}
+            inception = inception_choice(self.device, self.args.inception)
+            if inception:
+                scorers["inception"] = fidelity.Scorer(*inception, reference, **opts)
+            try:
+                for kind, scorer in scorers.items():
+                    for name, x in sets.items():
+                        self.out[f"fid.{kind}.{name}"] = round(scorer.score(x)["fid"], 3)
+            finally:
+                for scorer in scorers.values():
+                    scorer.close()
+        self.out["fid.inception.extractor"] = inception[0] if inception else "not computed"
+
+    def summary(self, seconds: float) -> None:
+        """Stage times, peak memory, the issue's targets (met or not, for a real run on CUDA) and the setting."""
+        out, cuda = self.out, self.device.type == "cuda"
+        out.update({f"seconds.{name}": s for name, s in self.clock.seconds.items()})
+        out.update({f"peak_gib.{name}": g for name, g in self.clock.peak_gib.items()})
+        if self.clock.peak_gib:
+            out["peak_gib.max"] = max(self.clock.peak_gib.values())
+        out["seconds.total"] = round(seconds, 1)
+        out["targets"] = {**TARGETS, "met": None if not cuda or self.args.tiny else {
+            "pgd_img_per_s": out["throughput.pgd.bf16.img_per_s"] >= TARGETS["pgd_img_per_s_min"],
+            "pgd_speedup_vs_plain": out["throughput.pgd.speedup_vs_plain"] >= TARGETS["pgd_speedup_vs_plain_min"],
+            "der_cost": out["throughput.pgd.der_cost"] <= TARGETS["der_cost_max"],
+            "ratios_vs_reference": not out["bench.below_target"],
+            "total_seconds": seconds <= TARGETS["total_seconds_max"],
+        }}
+        plan, run = self.plan, self.run_pgd
+        out["config"] = {
+            "plan": "tiny (CPU dry run: its numbers say nothing)" if self.args.tiny else "full",
+            "device": torch.cuda.get_device_name(self.device) if cuda else f"cpu: {bench.cpu_name()}",
+            "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+            "threads": torch.get_num_threads(), "data": self.meta["source"], "dataset": self.meta["dataset"],
+            "model": plan.arch, "batch_size": run.train.batch_size, "eps": run.train.eps, "train_steps": plan.steps,
+            "n_train": plan.n_train, "n_test": plan.n_test, "n_aa": plan.n_aa, "samples_per_class": plan.per_class,
+            "der": {"lambda": run.der.lam, "gamma": run.der.gamma}, "preset": str(self.args.preset),
+            "precision": "bf16 autocast + channels_last (ours on CUDA); fp32 keys: ours without autocast",
+        }
+
+
 def check(args: argparse.Namespace) -> dict:
-    plan = TINY if args.tiny else FULL
-    params = preset_params(args.preset, plan, args.data, args.device, args.seed)
     start = time.perf_counter()
-    device = setup(params)
-    clock = Clock(device)
-    out: dict = {}
-
-    with clock("data"):
-        splits, meta = data.prepare(params.data, params.seed)
-    train_split, val_split, test_split = splits["train"], splits["val"], splits["test"]
-    k, shape = meta["num_classes"], (meta["channels"], meta["size"], meta["size"])
-    geometry = (meta["channels"], meta["size"], k)
-    run_pgd, run_std = params.run("pgd"), params.run("standard")
-
-    def model_meta(run: P.RunCfg) -> dict:
-        return {**checkpoint.model_meta(run.model, meta), "method": run.train.method, "eps": run.train.eps}
-
-    def make_model() -> torch.nn.Module:
-        torch.manual_seed(params.seed)
-        return checkpoint.new_model(model_meta(run_pgd))
-
-    def run_for(method: str) -> P.RunCfg:
-        return replace(run_pgd, name=method, train=replace(run_pgd.train, method=method))
-
-    xb, yb = bench.batch_for(geometry, run_pgd.train.batch_size, device, params.seed)
-    with clock("bench"):
-        ratios = bench.compare_all(make_model, run_for, xb, yb, list(METHODS), rounds=plan.bench_rounds,
-                                   round_seconds=plan.bench_round_seconds, warmup=plan.warmup, prefix="bench.train")
-    out.update(ratios)
-    out["bench.below_target"] = bench.below_target(ratios)
-
-    with clock("throughput"):
-        for method in THROUGHPUT:
-            for use_der in (False, True) if METHODS[method].adversarial else (False,):
-                key = f"throughput.{method}{'.der' if use_der else ''}"
-                out[f"{key}.bf16.img_per_s"] = ratios[f"bench.train.{method}{'.der' if use_der else ''}.img_per_s"]
-                with fp32_training():
-                    loop = bench.Ours(make_model(), run_for(method), device, use_der)
-                    out[f"{key}.fp32.img_per_s"] = bench.throughput(loop, xb, yb, plan.fp32_seconds, plan.warmup)
-        with torch_default_backends(device) as flags:
-            plain = bench.Reference(make_model(), run_pgd, device, bench.Precision(False, False), False)
-            out["throughput.pgd.plain_fp32.img_per_s"] = bench.throughput(plain, xb, yb, plan.fp32_seconds,
-                                                                          plan.warmup)
-        out["throughput.pgd.plain_fp32.backends"] = flags
-    out["throughput.pgd.speedup_vs_plain"] = (out["throughput.pgd.bf16.img_per_s"]
-                                              / out["throughput.pgd.plain_fp32.img_per_s"])
-    out["throughput.pgd.der_cost"] = out["throughput.pgd.bf16.img_per_s"] / out["throughput.pgd.der.bf16.img_per_s"]
-
-    models = {}
-    for name, run, use_der in (("standard", run_std, False), ("pgd.base", run_pgd, False), ("pgd.der", run_pgd, True)):
-        model = make_model()
-        with clock(f"train.{name}"):
-            history = training.fit(model, train_split, val_split, run, use_der, device, params.seed,
-                                   augmentation=params.data.augmentation())
-        row = history[-1]
-        out.update({f"train.{name}.epoch_seconds": round(row["seconds"], 2),
-                    f"train.{name}.val_clean_acc": round(row["val_clean_acc"], 4),
-                    f"train.{name}.val_pgd_acc": round(row["val_pgd_acc"], 4)})
-        models[name] = model.eval()
-    out["train.pgd.der_cost"] = out["train.pgd.der.epoch_seconds"] / out["train.pgd.base.epoch_seconds"]
-
-    eps, block = run_pgd.train.eps, params.evaluate.batch_size
-    # a seeded random subset: an image folder lists its test images class by class
-    rows = torch.randperm(len(test_split), generator=torch.Generator().manual_seed(params.seed))[:plan.n_test]
-    x_test, y_test = data.to_float(test_split.x[rows], device), test_split.y[rows].to(device)
-    for variant in ("base", "der"):
-        model = models[f"pgd.{variant}"]
-        key = f"eval.pgd.{variant}"
-        with clock(f"evaluate.{variant}"):
-            out[f"{key}.clean_acc"] = accuracy(robustness.clean_correct(model, x_test, y_test, block))
-            steps = plan.pgd_eval_steps
-            out[f"{key}.pgd{steps}_acc"] = accuracy(
-                robustness.pgd_correct(model, x_test, y_test, eps, steps, 1, block, params.seed))
-            aa_start = time.perf_counter()
-            aa = robustness.run_autoattack(model, x_test[:plan.n_aa], y_test[:plan.n_aa], eps, params.seed, block)
-            aa_seconds = time.perf_counter() - aa_start
-        out.update({f"{key}.aa_acc": round(aa.accuracy, 4), f"{key}.aa.warnings": aa.warnings,
-                    f"{key}.aa.seconds_per_100": round(aa_seconds * 100 / plan.n_aa, 2),
-                    **{f"{key}.aa.{a}.seconds": round(s, 2) for a, s in aa.seconds.items()}})
-
-    with clock("pca"):
-        x_flat = data.to_float(train_split.x[:plan.n_train]).flatten(1)
-        fits, classes, _ = pca.local_classwise(x_flat, train_split.y[:plan.n_train], k, params.pca.variance,
-                                               params.pca.k, params.pca.n_anchors,
-                                               torch.Generator().manual_seed(params.seed))
-    bank = sampling.PcaBank(fits, classes)
-    out["pca.local.components_mean"] = round(sum(f["components"].shape[0] for f in fits) / len(fits), 1)
-
-    scfg = params.sample
-    labels = torch.arange(k, device=device).repeat_interleave(scfg.samples_per_class)
-    ref_rows = torch.cat([(train_split.y == c).nonzero().squeeze(1)[:scfg.n_energy] for c in range(k)])
-    samples = {}
-    for variant in ("base", "der"):
-        model = models[f"pgd.{variant}"].requires_grad_(False)
-        with clock(f"sample.{variant}"):
-            target = sampling.class_mean_energy(model, train_split.x[ref_rows], train_split.y[ref_rows], k,
-                                                scfg.batch_size, device).to(device)
-            chains = sampling.generate(
-                model, sampling.INITS["pca-local"].draw, bank, labels, shape, sigma_pca=scfg.sigma_pca,
-                block_size=scfg.batch_size, seed=params.seed, steps=scfg.steps, step_size=scfg.step_size,
-                momentum=scfg.momentum, noise=scfg.noise, target=target, tau=scfg.tau)
-        samples[variant] = (chains.x * 255).round().clamp(0, 255).to(torch.uint8).cpu()
-        out[f"sample.{variant}.steps_used"] = round(chains.steps_used.float().mean().item(), 2)
-
-    with clock("fid"), tempfile.TemporaryDirectory(prefix="energyat-gpu-check-") as tmp:
-        extractor = Path(tmp) / "standard.pt"
-        checkpoint.save(extractor, models["standard"], model_meta(run_std))
-        scorers = {"classifier": fidelity.Scorer(fidelity.CLASSIFIER, extractor, train_split.x[:plan.fid_reference],
-                                                 device=device, batch_size=params.score.batch_size, seed=params.seed)}
-        inception = inception_choice(device, args.inception)
-        if inception:
-            scorers["inception"] = fidelity.Scorer(*inception, train_split.x[:plan.fid_reference], device=device,
-                                                   batch_size=params.score.batch_size, seed=params.seed)
-        real = val_split.x[:labels.numel()]
-        try:
-            for kind, scorer in scorers.items():
-                for name, x in (("base", samples["base"]), ("der", samples["der"]), ("real", real)):
-                    out[f"fid.{kind}.{name}"] = round(scorer.score(x)["fid"], 3)
-        finally:
-            for scorer in scorers.values():
-                scorer.close()
-    out["fid.inception.extractor"] = inception[0] if inception else "not computed"
-
-    total = time.perf_counter() - start
-    out.update({f"seconds.{name}": s for name, s in clock.seconds.items()})
-    out.update({f"peak_gib.{name}": g for name, g in clock.peak_gib.items()})
-    if clock.peak_gib:
-        out["peak_gib.max"] = max(clock.peak_gib.values())
-    out["seconds.total"] = round(total, 1)
-    cuda = device.type == "cuda"
-    out["targets"] = {**TARGETS, "met": None if not cuda or args.tiny else {
-        "pgd_img_per_s": out["throughput.pgd.bf16.img_per_s"] >= TARGETS["pgd_img_per_s_min"],
-        "pgd_speedup_vs_plain": out["throughput.pgd.speedup_vs_plain"] >= TARGETS["pgd_speedup_vs_plain_min"],
-        "der_cost": out["throughput.pgd.der_cost"] <= TARGETS["der_cost_max"],
-        "ratios_vs_reference": not out["bench.below_target"],
-        "total_seconds": total <= TARGETS["total_seconds_max"],
-    }}
-    out["config"] = {
-        "plan": "tiny (CPU dry run: sizes say nothing about speed)" if args.tiny else "full",
-        "device": torch.cuda.get_device_name(device) if cuda else f"cpu: {bench.cpu_name()}",
-        "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-        "threads": torch.get_num_threads(), "data": meta["source"], "dataset": meta["dataset"],
-        "model": plan.arch, "batch_size": run_pgd.train.batch_size, "eps": eps, "train_steps": plan.steps,
-        "n_train": plan.n_train, "n_test": plan.n_test, "n_aa": plan.n_aa, "samples_per_class": plan.per_class,
-        "der": {"lambda": run_pgd.der.lam, "gamma": run_pgd.der.gamma}, "preset": str(args.preset),
-        "precision": "bf16 autocast + channels_last (ours on CUDA); fp32 keys: ours without autocast",
-    }
-    return out
+    run = Check(args)
+    run.speed()
+    models = run.train()
+    run.evaluate(models)
+    run.fid(models["standard"], run.sample(models))
+    run.summary(time.perf_counter() - start)
+    return run.out
 
 
 def rounded(value):

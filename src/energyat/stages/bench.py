@@ -183,6 +183,7 @@ class Reference:
             self.model.to(memory_format=torch.channels_last)
         self.der = run.der if use_der else None
         self.loss = REFERENCES[run.train.method]
+        self.cycle = 1  # steps that repeat the same work
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=run.train.lr_max, momentum=run.train.momentum,
                                          weight_decay=run.train.weight_decay)
 
@@ -211,6 +212,7 @@ class Ours:
         self.der_on = use_der and m.adversarial
         self.free = m.natural_from_attack or m.natural_trains or self.der_on
         self.diag_every, self.device = run.train.diag_every, device
+        self.cycle = max(1, self.diag_every)  # steps that repeat the same work: one diagnosed, the others not
         self.i = 0
         self.acc: dict[str, Tensor | int] = {}
 
@@ -245,11 +247,18 @@ def timed_steps(loop, xb: Tensor, yb: Tensor, gen: torch.Generator, steps: int) 
     return time.perf_counter() - start
 
 
+def calibrated_steps(loop, xb: Tensor, yb: Tensor, gen: torch.Generator, seconds: float, warmup: int) -> int:
+    """After `warmup` untimed steps (allocations, cuDNN's algorithm search), how many whole cycles of `loop`'s
+    steps last about `seconds`, judged from one timed cycle."""
+    timed_steps(loop, xb, yb, gen, warmup)
+    per_step = timed_steps(loop, xb, yb, gen, loop.cycle) / loop.cycle
+    return loop.cycle * max(1, round(seconds / (per_step * loop.cycle)))
+
+
 def throughput(loop, xb: Tensor, yb: Tensor, seconds: float, warmup: int = 3, seed: int = 0) -> float:
     """Images per second of one loop alone, timed for about `seconds` after `warmup` steps."""
     gen = torch.Generator(device=xb.device).manual_seed(seed)
-    t = timed_steps(loop, xb, yb, gen, warmup) / warmup
-    steps = max(2, round(seconds / max(t, 1e-6)))
+    steps = calibrated_steps(loop, xb, yb, gen, seconds, warmup)
     return steps * xb.shape[0] / timed_steps(loop, xb, yb, gen, steps)
 
 
@@ -265,11 +274,8 @@ def compare(make_model, run: RunCfg, xb: Tensor, yb: Tensor, use_der: bool, *, r
     ours = Ours(copy.deepcopy(model), run, device, use_der)
     ref = Reference(model, run, device, Precision.ours(device), use_der)
     gens = [torch.Generator(device=device).manual_seed(seed) for _ in range(2)]
-    timed_steps(ref, xb, yb, gens[1], warmup)  # first calls: allocations, cuDNN's algorithm search
-    timed_steps(ours, xb, yb, gens[0], warmup)
-    cycle = max(1, run.train.diag_every)
-    per_step = timed_steps(ours, xb, yb, gens[0], cycle) / cycle
-    steps = cycle * max(1, round(round_seconds / (per_step * cycle)))
+    timed_steps(ref, xb, yb, gens[1], warmup)
+    steps = calibrated_steps(ours, xb, yb, gens[0], round_seconds, warmup)
     times: list[list[float]] = [[], []]  # seconds per round: ours, reference
     for r in range(rounds):
         for side in (0, 1) if r % 2 == 0 else (1, 0):
