@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from multiproc import run_ranks
 from torch import nn
 
-from energyat import checkpoint, cli, robustness, stats
+from energyat import checkpoint, cli, distributed, robustness, stats
 from energyat.artifacts import sha256
 from energyat.attacks import Threat, pgd_attack
 from energyat.errors import UserError
@@ -63,7 +63,7 @@ def test_pgd_restarts_draw_their_starts_from_per_block_seeds(robust_mlp):
     plain = []
     for b, (xb, yb) in enumerate(zip(x.split(64), y.split(64))):
         correct = robustness.clean_correct(model, xb, yb, 64)
-        gen = torch.Generator().manual_seed(robustness.block_seed(3, "pgd10-ce", 0, b))
+        gen = torch.Generator().manual_seed(distributed.block_seed(3, "pgd10-ce", 0, b))
         x_adv = pgd_attack(model, xb[correct], yb[correct], Threat(EPS, 2.5 * EPS / 10, steps=10), generator=gen)
         flags = correct.clone()
         flags[correct] = robustness.predict(model, x_adv, 64) == yb[correct]
@@ -80,8 +80,8 @@ def test_pgd_restarts_draw_their_starts_from_per_block_seeds(robust_mlp):
 
 def test_block_seeds_are_stable_and_distinct():
     # a fixed value: a changed derivation would silently change every published PGD number
-    assert robustness.block_seed(0, "pgd50-ce", 0, 0) == 4088669072803246847
-    seeds = {robustness.block_seed(s, a, r, b) for s in (0, 1) for a in ("pgd20-ce", "pgd50-ce")
+    assert distributed.block_seed(0, "pgd50-ce", 0, 0) == 4088669072803246847
+    seeds = {distributed.block_seed(s, a, r, b) for s in (0, 1) for a in ("pgd20-ce", "pgd50-ce")
              for r in range(3) for b in range(3)}
     assert len(seeds) == 36 and max(seeds) < 2**63
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from energyat import checkpoint, data, fidelity, params, pca, sampling
+from energyat import checkpoint, data, distributed, fidelity, params, pca, sampling
 from energyat.artifacts import load_torch, save_torch, sha256, write_json
 from energyat.energy import joint_energy
 from energyat.errors import UserError
@@ -119,7 +119,7 @@ def test_generate_seeds_each_block_by_its_index(trained, targets):
                                                full.steps_used[:5], {t: v[:5] for t, v in full.snapshots.items()}))
     # block 1 has its own stream: its starts are not a replay of block 0's
     assert not torch.equal(full.snapshots[0][5:10], first.snapshots[0])
-    g = torch.Generator().manual_seed(sampling.block_seed(3, "sgld", 1))
+    g = torch.Generator().manual_seed(distributed.block_seed(3, "sgld", 1))
     assert torch.equal(full.snapshots[0][5:10], torch.rand((5, 1, 16, 16), generator=g))
     assert full.stopped[-1].any() and not full.stopped[-1].all()  # the stop was exercised
     assert not chains_equal(full, generate_uniform(model, y, targets, seed=4))

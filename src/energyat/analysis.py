@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from .attacks import Threat, default_alpha, pgd_attack
 from .energy import energy, joint_energy
-from .robustness import block_seed, over_blocks
+from .distributed import block_seed
+from .robustness import over_blocks
 
 ATTACKS = ("pgd", "apgd-ce", "apgd-t", "fab-t", "square", "cw")
 LABELS = {"pgd": "PGD", "apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "fab-t": "FAB-T", "square": "Square",

@@ -9,6 +9,7 @@ per-example randomness is a function of the block, not of the rank), and rank 0 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -103,6 +104,12 @@ def owned_blocks(n: int, block: int, ctx: Context | None = None) -> list[tuple[i
     n_blocks = (n + block - 1) // block
     mine = shard(n_blocks, ctx)
     return [(b, slice(b * block, min(n, (b + 1) * block))) for b in range(mine.start, mine.stop)]
+
+
+def block_seed(seed: int, *parts) -> int:
+    """A 63-bit seed for (seed, attack, restart, block, ...): the same in every process, rank and platform."""
+    digest = hashlib.sha256("/".join(str(p) for p in (seed, *parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def all_sum(t: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,6 @@ the same on 1 or N ranks (torchrun) and one process is simply world = 1.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import re
@@ -25,6 +24,7 @@ from pyautoattack import AutoAttack
 from torch import Tensor, nn
 
 from . import distributed
+from .distributed import block_seed
 from .attacks import Threat, default_alpha, pgd_attack
 from .runtime import progress
 
@@ -40,12 +40,6 @@ def _check_eval(model: nn.Module) -> None:
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def block_seed(seed: int, *parts) -> int:
-    """A 63-bit seed for (seed, attack, restart, block, ...): the same in every process, rank and platform."""
-    digest = hashlib.sha256("/".join(str(p) for p in (seed, *parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def over_blocks(fn: Callable[[int, slice], Tensor], n: int, block: int, empty: Tensor, desc: str = "") -> Tensor:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from . import distributed, pca
 from .data import batches, to_float
 from .energy import joint_energy
-from .robustness import block_seed
+from .distributed import block_seed
 from .runtime import autocast, progress
 
 # ---------------------------------------------------------------------------------------------- priors

@@ -153,7 +153,7 @@ def validate(model: nn.Module, val: Split, cfg: TrainCfg, device: torch.device, 
     counts = torch.zeros(2, device=device)
     for b, rows in distributed.owned_blocks(cfg.n_val, block):
         x, y = to_float(val.x[rows], device), val.y[rows].to(device)
-        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b)
+        gen = torch.Generator(device=device).manual_seed(distributed.block_seed(seed, "val-pgd", b))
         with autocast(device):
             counts[0] += (_predict(model, x) == y).sum()
             if cfg.eps > 0:
