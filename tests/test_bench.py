@@ -1,5 +1,8 @@
 """The bench's reference loops train exactly what our step trains, so that its speed ratio compares like with like."""
 import copy
+import importlib.util
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,3 +109,30 @@ def test_compare_reports_both_loops_and_their_ratio():
     assert out["img_per_s"] > 0 and out["reference.img_per_s"] > 0 and out["ratio_vs_reference"] > 0
     assert below_target({"train.a.ratio_vs_reference": 0.89, "train.b.ratio_vs_reference": 0.9,
                          "train.a.img_per_s": 1.0}) == ["train.a"]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def gpu_check_module():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("tiny", [False, True])
+def test_gpu_check_shortens_the_paper_preset_into_valid_params(tiny, tmp_path):
+    gpu_check = gpu_check_module()
+    plan = gpu_check.TINY if tiny else gpu_check.FULL
+    tarball = tmp_path / "cifar10.tar.gz"
+    tarball.touch()
+    params = gpu_check.preset_params(ROOT / "presets" / "paper.yaml", plan, tarball, "cpu", 0)
+    run = params.run("pgd")
+    assert (run.train.epochs, run.train.n_train, run.train.steps) == (1, plan.n_train, plan.steps)
+    assert run.der.active(1, 1) and (run.der.lam, run.der.gamma) == (6.0, 0.2)  # the paper's RO setting
+    assert run.train.eps == pytest.approx(8 / 255) and run.train.batch_size == plan.batch
+    assert (params.data.dataset, params.data.augmentation()) == ("image-folder", "crop-flip")
+    (tmp_path / "cifar-10-batches-py").mkdir()  # a torchvision root
+    assert gpu_check.preset_params(ROOT / "presets" / "paper.yaml", plan, tmp_path, "cpu", 0).data.dataset == "cifar10"
