@@ -105,7 +105,11 @@ def test_prepare_stage_on_fashion_mnist(tmp_path, fashion):
     assert meta["counts"] == {"train": 55000, "val": 5000, "test": 10000}
     assert (meta["channels"], meta["size"], meta["num_classes"]) == (1, 28, 10)
     assert len(meta["source_checksums"]) == 4 and meta["source"].startswith(str(data.DEBIAN_FASHION_MNIST))
-    assert torch.equal(splits["test"].x, fashion.test.x) and torch.equal(splits["test"].y, fashion.test.y)
+    # the test split in one fixed order, the same for every seed: any prefix is a class-mixed random sample
+    order = torch.randperm(10000, generator=torch.Generator().manual_seed(data.TEST_ORDER_SEED))
+    assert torch.equal(splits["test"].x, fashion.test.x[order]) and torch.equal(splits["test"].y, fashion.test.y[order])
+    assert torch.equal(data.prepare(DataCfg(), seed=5)[0]["test"].y, splits["test"].y)
+    assert torch.bincount(splits["test"].y[:500], minlength=10).min() >= 30
     # train + val is a re-ordering of the original training set: per-class counts and pixel sums add up
     both_y = torch.cat([splits["train"].y, splits["val"].y])
     assert torch.bincount(both_y).tolist() == [6000] * 10

@@ -110,7 +110,8 @@ def _root_cause(failures: dict) -> tuple[int, object]:
         rank, f = item
         external_signal = f.exitcode < 0 and -f.exitcode != signal.SIGTERM
         user_error = f.exitcode == 2
-        return (not external_signal, not user_error, f.timestamp, rank)
+        # every rank finds the same bad input: name the lowest; otherwise the earliest failure
+        return (not external_signal, not user_error, 0 if user_error else f.timestamp, rank)
 
     return min(failures.items(), key=rank_key)
 

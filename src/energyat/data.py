@@ -352,6 +352,16 @@ def split_validation(train: Split, val_size: int, seed: int) -> tuple[Split, Spl
     return Split(train.x[keep], train.y[keep]), Split(train.x[held], train.y[held])
 
 
+TEST_ORDER_SEED = 0  # not params.seed: every experiment, whatever its seed, scores the same test images
+
+
+def shuffle_test(test: Split) -> Split:
+    """The test split in one fixed random order, so that the first n images (what evaluate and analyze score) are
+    a random, class-mixed sample whatever order the source lists them in (image folders list them by class)."""
+    order = torch.randperm(len(test), generator=torch.Generator().manual_seed(TEST_ORDER_SEED))
+    return Split(test.x[order], test.y[order])
+
+
 def channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of uint8 images on the [0, 1] scale, exact (from 256-bin histograms)."""
     values = torch.arange(256, dtype=torch.float64) / 255
@@ -370,7 +380,7 @@ def prepare(cfg, seed: int) -> tuple[dict[str, Split], dict]:
     """({train, val, test} splits, manifest without the output files' checksums) for params.DataCfg `cfg`."""
     source = load_source(cfg)
     train, val = split_validation(source.train, cfg.val_size, seed)
-    splits = {"train": train, "val": val, "test": source.test}
+    splits = {"train": train, "val": val, "test": shuffle_test(source.test)}
     mean, std = channel_stats(train.x)
     _, channels, height, _ = train.x.shape
     meta = {

@@ -42,7 +42,11 @@ def aae_mask(logits_nat: Tensor, logits_adv: Tensor, y: Tensor) -> Tensor:
 
 def der_per_sample(logits_nat: Tensor, logits_adv: Tensor, y: Tensor, gamma: float) -> Tensor:
     """L_ΔE = max(‖[ΔE(x), ΔE(x, y)]‖₂ - γ, 0) per sample; differentiable through both energies."""
-    d_marginal, d_joint = delta_energies(logits_nat, logits_adv, y)
+    return der_from_deltas(*delta_energies(logits_nat, logits_adv, y), gamma)
+
+
+def der_from_deltas(d_marginal: Tensor, d_joint: Tensor, gamma: float) -> Tensor:
+    """L_ΔE from ΔE(x) and ΔE(x, y) already computed."""
     # vector_norm's backward is 0 at the origin; hypot's and sqrt's are NaN there (and NaN·0 = NaN).
     norm = torch.linalg.vector_norm(torch.stack((d_marginal, d_joint), dim=1), dim=1)
     return (norm - gamma).clamp_min(0.0)

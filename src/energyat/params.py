@@ -116,7 +116,7 @@ class TrainCfg:
     gradalign_lambda: float | str = field(default="auto", metadata={**_range(0.0), "or_auto": True})
     # natural-image diagnostics (E(x), dE, AAE fraction, train clean acc) on every k-th batch where they cost an
     # extra forward pass (they are free for fgsm, gradalign, trades, standard and DER epochs); 0: off
-    diag_every: int = field(default=4, metadata=_range(0))
+    diag_every: int = field(default=8, metadata=_range(0))
     n_val: int = field(default=1000, metadata=_range(1))  # validation images scored each epoch
     val_steps: int = field(default=10, metadata=_range(1))  # PGD steps of the per-epoch validation attack
     co_drop: float = field(default=0.5, metadata=_range(0.0, 1.0, lo_open=True))

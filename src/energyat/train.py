@@ -109,12 +109,16 @@ class Objective(nn.Module):
 
         sums = {"adv_correct": (logits_adv.argmax(1) == y).sum() if logits_adv is not None else None}
         measured = diagnose and logits_nat is not None
+        if measured:
+            e_nat = E.energy(logits_nat.detach())
+            sums.update(clean_correct=(logits_nat.detach().argmax(1) == y).sum(), e_nat=e_nat.sum())
         if logits_adv is not None and (der_on or measured):
-            per_sample = E.der_per_sample(logits_nat, logits_adv, y, der.gamma)
+            d_x, d_xy = E.delta_energies(logits_nat, logits_adv, y)  # with their graphs when DER is on
+            per_sample = E.der_from_deltas(d_x, d_xy, der.gamma)
             mask = None
-            if m.single_step:
+            if m.single_step:  # AAEs: the attack lowered the loss, CE(x*) < CE(x) <=> ΔE(x) < ΔE(x, y)
                 mask = (E.aae_start_mask(adv.logits_start, logits_adv, y) if der.aae == "start"
-                        else E.aae_mask(logits_nat, logits_adv, y))
+                        else d_x.detach() < d_xy.detach())
                 per_sample = per_sample * mask
             if der_on:
                 if mask is not None and der.aae_norm == "aae":
@@ -123,12 +127,9 @@ class Objective(nn.Module):
                     denominator = global_batch / world
                 loss = loss + der.lam * per_sample.sum() / denominator
             if measured:
-                d_x, d_xy = E.delta_energies(logits_nat.detach(), logits_adv.detach(), y)
-                sums.update(e_adv=E.energy(logits_adv.detach()).sum(), de_x=d_x.sum(), de_xy=d_xy.sum(),
+                d_x, d_xy = d_x.detach(), d_xy.detach()
+                sums.update(e_adv=(e_nat - d_x).sum(), de_x=d_x.sum(), de_xy=d_xy.sum(),
                             der=per_sample.detach().sum(), aae=(d_x < d_xy).sum())
-        if measured:
-            logits = logits_nat.detach()
-            sums.update(clean_correct=(logits.argmax(1) == y).sum(), e_nat=E.energy(logits).sum())
         if adv.logits_start is not None and logits_adv is not None:
             sums["aae_start"] = E.aae_start_mask(adv.logits_start, logits_adv.detach(), y).sum()
         sums["loss"] = loss.detach() * (global_batch / world)  # summed over ranks: the global mean × batch
