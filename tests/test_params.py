@@ -48,7 +48,9 @@ def test_repo_params_load_and_resolve_runs():
     ("runs.fgsm.model", {"arch": "wrn-28-10", "width": 64}, "runs.fgsm.model.width: 64 is not allowed with arch"),
     ("model.hidden", 512, None),
     ("evaluate.checkpoints", ["best", "middle"], "evaluate.checkpoints: 'middle' is not allowed"),
-    ("device", "tpu", "device: 'tpu' is not allowed"),
+    ("device", "tpu", "device: 'tpu' is not allowed; allowed: auto, cpu, cuda, cuda:<index>"),
+    ("device", "cuda:x", "device: 'cuda:x' is not allowed"),
+    ("device", "cuda:1", None),
     ("runs.pgd.der", {"start_epoch": 101}, "runs.pgd.der.start_epoch: 101 is not allowed for 100 epochs"),
     ("runs.pgd.der", {"start_epoch": -101}, "runs.pgd.der.start_epoch: -101 is not allowed for 100 epochs"),
     ("runs.pgd.der", {"aae": "late"}, "runs.pgd.der.aae: 'late' is not allowed; allowed: clean, start"),
@@ -132,6 +134,13 @@ def test_paper_preset_resolves_to_the_published_recipe():
         single = METHODS[p.run(name).train.method].single_step
         assert single == (p.run(name).train.method in ("rs-fgsm", "n-fgsm"))
     assert p.evaluate.n_examples == p.evaluate.aa_examples == 10_000
+
+
+def test_one_named_gpu_cannot_hold_several_ranks():
+    raw = with_change("device", "cuda:1")
+    raw["distributed"] = {"nproc": 2}
+    with pytest.raises(P.ParamsError, match=r"^device: 'cuda:1' names one GPU, but distributed.nproc is 2"):
+        P.parse(raw)
 
 
 def test_check_data_rejects_sizes_beyond_their_split():

@@ -242,7 +242,9 @@ class DistributedCfg:
 @dataclass(frozen=True)
 class Params:
     seed: int = 0
-    device: str = field(default="auto", metadata=_choice("auto", "cpu", "cuda"))
+    # auto (CUDA when present) | cpu | cuda (under torchrun: each rank its own GPU) | cuda:N (one process on GPU N,
+    # e.g. one queued experiment per GPU)
+    device: str = "auto"
     threads: int = field(default=2, metadata=_range(1))
     distributed: DistributedCfg = field(default_factory=DistributedCfg)
     data: DataCfg = field(default_factory=DataCfg)
@@ -453,9 +455,17 @@ def _as_raw(cfg: Any) -> dict:
     return {f.metadata.get("key", f.name): getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
 
 
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
 def parse(raw: dict) -> Params:
     """Validate a params mapping (as read from params.yaml) completely, runs included."""
     params = _build(Params, raw)
+    if not DEVICE.fullmatch(params.device):
+        raise ParamsError(f"device: {params.device!r} is not allowed; allowed: auto, cpu, cuda, cuda:<index>")
+    if ":" in params.device and params.distributed.nproc > 1:
+        raise ParamsError(f"device: {params.device!r} names one GPU, but distributed.nproc is "
+                          f"{params.distributed.nproc}; use cuda (each rank takes its own GPU)")
     _check_model(params.model, "model")
     for name in ["standard", *params.runs]:
         params.run(name)

@@ -15,17 +15,22 @@ from .errors import UserError
 
 def device_type(name: str) -> str:
     """"cuda" or "cpu" for the `device` param (auto: CUDA when present)."""
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+    if name.startswith("cuda") or (name == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise UserError("device: 'cuda' is not allowed here; no CUDA device is visible (use auto or cpu)")
+            raise UserError(f"device: {name!r} is not allowed here; no CUDA device is visible (use auto or cpu)")
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise UserError(f"device: {name!r} is not allowed; {torch.cuda.device_count()} CUDA device(s) visible")
         return "cuda"
     return "cpu"
 
 
 def select_device(name: str) -> torch.device:
-    """This rank's device: its own GPU (LOCAL_RANK) under torchrun on CUDA, else the CPU."""
-    kind = device_type(name)
-    return torch.device("cuda", distributed.context().local_rank) if kind == "cuda" else torch.device("cpu")
+    """This rank's device: its own GPU (LOCAL_RANK) under torchrun on CUDA, the GPU `cuda:N` names, else the CPU."""
+    if device_type(name) == "cpu":
+        return torch.device("cpu")
+    index = name.partition(":")[2]
+    return torch.device("cuda", int(index) if index else distributed.context().local_rank)
 
 
 def seed_everything(seed: int) -> None:
