@@ -99,6 +99,20 @@ def test_groups_are_params_except_seed_and_head_joins_as_a_seed():
     assert [len(g.members) for g in singles] == [3, 2, 1]
 
 
+def test_execution_settings_pool_but_another_device_type_does_not():
+    def with_execution(seed, **kw):
+        return {**params(seed), **kw}
+
+    found, _ = aggregate.experiments(show(experiments=[
+        exp("gpu0", "1" * 40, with_execution(0, device="cuda:0", threads=8), train_metrics(0.5)),
+        exp("gpu1", "2" * 40, with_execution(1, device="cuda:1", distributed={"nproc": 1}), train_metrics(0.6)),
+        exp("cpu", "3" * 40, with_execution(2, device="cpu"), train_metrics(0.7)),
+    ]), head=None)
+    assert [e.name for e in aggregate.pool(aggregate.select(found, ["gpu0", "gpu1"])).members] == ["gpu0", "gpu1"]
+    with pytest.raises(UserError, match=r"params other than seed differ \(device\)$"):
+        aggregate.pool(aggregate.select(found, ["gpu0", "cpu"]))
+
+
 def test_pool_refuses_experiments_whose_other_params_differ():
     found, _ = aggregate.experiments(show(experiments=[
         exp("a", "1" * 40, params(0), train_metrics(0.5)),

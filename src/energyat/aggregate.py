@@ -7,7 +7,8 @@ Pure functions over the JSON of `dvc exp show --json` (DVC 3.x: a list of baseli
   never one (it is HEAD plus uncommitted edits); the HEAD commit itself is one, pooled like any experiment when
   its params equal a group's except `seed` (the committed default run is seed 0 of the queued seeds).
 - A group is the candidates whose params (all params files, flattened) are equal except `seed` and the execution
-  settings `threads` and `distributed.nproc`; within a group a seed counts once (the newest experiment with it).
+  settings `threads`, `distributed.nproc` and the GPU index of `device: cuda:N`; within a group a seed counts once
+  (the newest experiment with it).
 - Per metric key (metrics file + flattened key): numbers give n, mean, sample std and the Student-t 95 % interval
   of the mean over seeds (`stats.t_interval`); booleans give how many seeds were true.
 - Robust overfitting (multi-step runs of the experiments' `runs`, read from `metrics/eval/<run>.<variant>.json`):
@@ -32,9 +33,17 @@ from .report import METHOD_NAMES, family
 PARAMS_FILE = "params.yaml"
 SEED = "seed"
 # how many cores / ranks compute a run, not what is computed (ranks give the same numbers; threads change only
-# float summation order): experiments differing in these still pool
+# float summation order), and which GPU (`device: cuda:N` counts as `cuda`): experiments differing in these pool
 EXECUTION = ("threads", "distributed.nproc")
 POOL_IGNORE = (SEED, *EXECUTION)
+
+
+def pooling_params(flat: dict, ignore: tuple[str, ...] = POOL_IGNORE) -> dict:
+    """The flattened params that decide whether experiments pool: all but `ignore`, the GPU index dropped."""
+    out = {k: v for k, v in flat.items() if k not in ignore}
+    if isinstance(out.get("device"), str) and out["device"].startswith("cuda:"):
+        out["device"] = "cuda"
+    return out
 EVAL = "metrics/eval/{run}.{variant}.json"
 TRAIN = "metrics/train/{run}.{variant}.json"
 SUMMARY = "metrics/summary.json"
@@ -164,8 +173,8 @@ def select(exps: list[Experiment], names: list[str]) -> list[Experiment]:
 
 def differing(exps: list[Experiment], ignore: tuple[str, ...] = POOL_IGNORE) -> list[str]:
     """The flattened params whose values are not the same in all of `exps` (`ignore`d keys left out)."""
-    flats = [e.flat_params for e in exps]
-    keys = sorted({k for f in flats for k in f} - set(ignore))
+    flats = [pooling_params(e.flat_params, ignore) for e in exps]
+    keys = sorted({k for f in flats for k in f})
     return [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flats}) > 1]
 
 
@@ -187,7 +196,7 @@ def group(exps: list[Experiment], min_members: int = 2) -> tuple[list[Group], li
     `min_members` seeds are left out), in the order of their first member; and notes."""
     buckets: dict[str, list[Experiment]] = {}
     for e in exps:
-        key = json.dumps({k: v for k, v in e.flat_params.items() if k not in POOL_IGNORE}, sort_keys=True)
+        key = json.dumps(pooling_params(e.flat_params), sort_keys=True)
         buckets.setdefault(key, []).append(e)
     groups, notes = [], []
     for members in buckets.values():
