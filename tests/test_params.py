@@ -51,8 +51,10 @@ def test_repo_params_load_and_resolve_runs():
     ("device", "tpu", "device: 'tpu' is not allowed; allowed: auto, cpu, cuda, cuda:<index>"),
     ("device", "cuda:x", "device: 'cuda:x' is not allowed"),
     ("device", "cuda:1", None),
-    ("runs.pgd.der", {"start_epoch": 101}, "runs.pgd.der.start_epoch: 101 is not allowed for 100 epochs"),
-    ("runs.pgd.der", {"start_epoch": -101}, "runs.pgd.der.start_epoch: -101 is not allowed for 100 epochs"),
+    ("runs.pgd", {"method": "pgd", "epochs": 100, "der": {"start_epoch": 101}},
+     "runs.pgd.der.start_epoch: 101 is not allowed for 100 epochs"),
+    ("runs.pgd", {"method": "pgd", "epochs": 100, "der": {"start_epoch": -101}},
+     "runs.pgd.der.start_epoch: -101 is not allowed for 100 epochs"),
     ("runs.pgd.der", {"aae": "late"}, "runs.pgd.der.aae: 'late' is not allowed; allowed: clean, start"),
     ("der.aae_norm", "sum", "der.aae_norm: 'sum' is not allowed; allowed: aae, batch"),
     ("train.gradalign_lambda", "lots", "train.gradalign_lambda: 'lots' is not a number"),
@@ -144,7 +146,9 @@ def test_one_named_gpu_cannot_hold_several_ranks():
 
 
 def test_check_data_rejects_sizes_beyond_their_split():
-    p = P.parse(with_change("runs.pgd.n_val", 1200))
+    raw = with_change("runs.pgd.n_val", 1200)
+    raw["runs"]["fgsm"]["n_train"] = 20000
+    p = P.parse(raw)
     p.check_data({"train": 50_000, "val": 1200, "test": 10_000})
     with pytest.raises(P.ParamsError, match=r"^runs.pgd.n_val: 1200 is not allowed; the validation split has 1100"):
         p.check_data({"train": 50_000, "val": 1100, "test": 10_000})
