@@ -164,6 +164,20 @@ def test_report_and_markdown_of_a_group():
     json.dumps(rep, allow_nan=False)
 
 
+def test_markdown_reads_the_stage_files_when_summary_is_the_baselines():
+    """Experiments that ran no `report` carry the baseline's summary.json, equal in every seed: the table then
+    shows the stage files' varying keys; a summary that differs between seeds is shown alone."""
+    def seed_row(i, v, summary):
+        return exp(f"s{i}", str(i + 1) * 40, params(i),
+                   {**train_metrics(v), "metrics/summary.json": {"co.fgsm.base.clean_acc": summary[i]}})
+    for summary, shown, hidden in (((0.7, 0.7), "metrics/train/fgsm.base.json", "metrics/summary.json"),
+                                   ((0.7, 0.8), "metrics/summary.json", "metrics/train/fgsm.base.json")):
+        found, _ = aggregate.experiments(show(experiments=[seed_row(i, v, summary) for i, v in enumerate((0.5, 0.6))]),
+                                         head=None)
+        md = aggregate.markdown(aggregate.report(aggregate.group(found)[0], {}))
+        assert f"`{shown}` (1 of " in md and f"`{hidden}`" not in md
+
+
 # -------------------------------------------------------------------------------------- robust overfitting
 
 def ro_eval(best: float, last: float, clean: float) -> dict:

@@ -381,6 +381,12 @@ def _ro_lines(run: str, ro: dict) -> list[str]:
     return lines + [""]
 
 
+def _varying(keys: dict) -> dict:
+    """The keys whose value differs between seeds, without the Wilson bounds of single accuracies."""
+    return {k: s for k, s in keys.items() if len({json.dumps(v) for v in s["values"]}) > 1
+            and not k.endswith(WILSON_BOUNDS)}
+
+
 def markdown(rep: dict) -> str:
     """metrics/seeds.md: per group its members, the robust-overfitting section, and per metric key mean ± std, the
     95 % t-interval, n and the per-seed values. Only keys of metrics/summary.json when a group has that file (the
@@ -398,12 +404,16 @@ def markdown(rep: dict) -> str:
                   + "; baseline commit(s): " + ", ".join(sorted({m["baseline"][:7] for m in g["members"]})) + ".", ""]
         for run, ro in g["robust_overfitting"].items():
             lines += _ro_lines(run, ro)
-        files = {SUMMARY: g["metrics"][SUMMARY]} if SUMMARY in g["metrics"] else g["metrics"]
+        # a summary.json equal in every seed is the baseline's, not re-made by the experiments (they ran no
+        # `report`): the stage files then carry the results
+        summary = g["metrics"].get(SUMMARY)
+        files = {SUMMARY: summary} if summary and _varying(summary) else g["metrics"]
         header = "| Metric | mean ± std | 95 % CI | n | " + " | ".join(f"seed {s}" for s in g["seeds"]) + " |"
         sep = "|---|---:|---:|---:|" + "---:|" * len(g["seeds"])
         for f, keys in files.items():
-            varying = {k: s for k, s in keys.items() if len({json.dumps(v) for v in s["values"]}) > 1
-                       and not k.endswith(WILSON_BOUNDS)}
+            varying = _varying(keys)
+            if not varying:
+                continue
             lines += [f"`{f}` ({len(varying)} of {len(keys)} keys shown)", ""]
             if varying:
                 lines += [header, sep, *(_row(k, s) for k, s in varying.items()), ""]
