@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -117,10 +118,23 @@ def test_launcher_trains_on_two_ranks_like_one_process(stage_dir):
 
 
 def test_a_failing_rank_ends_the_stage_with_one_line_naming_it(stage_dir):
-    proc = energyat_cli(stage_dir, "--nproc", "2", "train", "nope", "base")
+    # only the prepared data can judge n_val, so the ranks find this; whichever fails first is named
+    raw = yaml.safe_load((stage_dir / "params.yaml").read_text())
+    raw["runs"]["fgsm"]["n_val"] = 41
+    (stage_dir / "too_many_val.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    proc = energyat_cli(stage_dir, "--params", "too_many_val.yaml", "--nproc", "2", "train", "fgsm", "base")
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert lines == ["energyat train: error: rank 0: runs.nope: no such run; allowed: standard, fgsm"]
+    assert len(lines) == 1 and re.fullmatch(r"energyat train: error: rank [01]: runs\.fgsm\.n_val: 41 is not allowed; "
+                                            r"the validation split has 40 images \(data\.val_size\)", lines[0]), lines
+
+
+def test_a_bad_stage_argument_is_refused_before_any_rank_starts(stage_dir):
+    proc = energyat_cli(stage_dir, "--nproc", "2", "train", "nope", "base")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "energyat train: error: runs.nope: no such run; allowed: standard, fgsm"
+    proc = energyat_cli(stage_dir, "--nproc", "2", "sample", "nope")
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("energyat sample: error: sample: 'nope' is not in")
 
 
 def test_nproc_below_one_is_a_params_error_before_any_work(stage_dir):

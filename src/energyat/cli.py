@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
             distributed.check_nproc(nproc, device_type(params.device))
             if nproc > 1:
+                _check_args(params, ns)  # once here: every rank would fail alike, and race to say so
                 return _launch(ns.stage, nproc, params.threads, argv)
         module = importlib.import_module(f"energyat.stages.{STAGES[ns.stage][0]}")
         module.run(params, *[getattr(ns, a.strip("-.").replace("-", "_")) for a in STAGES[ns.stage][1]])
@@ -81,6 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         distributed.shutdown()  # a rank that exits with its process group alive can abort in gloo's teardown
     return 0
+
+
+def _check_args(params, ns: argparse.Namespace) -> None:
+    """The stage arguments that params alone can judge (the stage checks them again when it runs)."""
+    if ns.stage in ("train", "evaluate"):
+        params.variant_run(ns.run, ns.variant)
+    elif ns.stage == "sample":
+        params.sample.sampler(ns.sampler)
 
 
 def _record(exc: BaseException) -> None:

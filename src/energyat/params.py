@@ -206,6 +206,11 @@ class SampleCfg:
         if bad:
             raise ParamsError(f"sample.step_sweep: {bad[0]!r} is not allowed; step counts in 0..sample.steps ({self.steps})")
 
+    def sampler(self, name: str) -> SamplerCfg:
+        if name not in self.samplers:
+            raise ParamsError(f"sample: {name!r} is not in sample.samplers; allowed: {', '.join(self.samplers) or '(none)'}")
+        return self.samplers[name]
+
 
 @dataclass(frozen=True)
 class ScoreCfg:

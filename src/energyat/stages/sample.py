@@ -91,9 +91,7 @@ def grid_figure(x: torch.Tensor, y: torch.Tensor, class_names: list[str], title:
 
 def run(params: Params, sampler: str) -> None:
     cfg = params.sample
-    if sampler not in cfg.samplers:
-        raise UserError(f"sample: {sampler!r} is not in sample.samplers; allowed: {', '.join(cfg.samplers) or '(none)'}")
-    scfg = cfg.samplers[sampler]
+    scfg = cfg.sampler(sampler)
     spec = sampling.INITS[scfg.init]
     device = setup(params)
     splits, meta = data.load_prepared()
