@@ -34,6 +34,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 from unittest import mock
 
 import energyat  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch loads)
@@ -337,13 +338,26 @@ class Check:
         }
 
 
-def check(args: argparse.Namespace) -> dict:
+def check(args: argparse.Namespace, save: Callable[[dict], None]) -> dict:
+    """Every stage in turn; after each, `save` gets what has been measured so far (marked `partial`), so a check
+    cut short by a time limit or a failing stage still leaves its figures."""
     start = time.perf_counter()
     run = Check(args)
+
+    def done(stage: str) -> None:
+        save({**run.out, **{f"seconds.{n}": s for n, s in run.clock.seconds.items()},
+              **{f"peak_gib.{n}": g for n, g in run.clock.peak_gib.items()},
+              "partial": f"stopped after {stage} ({time.perf_counter() - start:.0f} s)"})
+
     run.speed()
+    done("speed")
     models = run.train()
+    done("train")
     run.evaluate(models)
-    run.fid(models["standard"], run.sample(models))
+    done("evaluate")
+    samples = run.sample(models)
+    done("sample")
+    run.fid(models["standard"], samples)
     run.summary(time.perf_counter() - start)
     return run.out
 
@@ -373,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.data.exists():
             raise UserError(f"--data: {args.data}: not found; give a CIFAR-10 torchvision root or an image-folder "
                             "tree/.tar.gz (e.g. ../shared/datasets/cifar10-jpeg.tar.gz)")
-        result = check(args)
+        result = check(args, lambda partial: write_json(out_path, rounded(partial)))
     except UserError as exc:
         print(f"gpu-check: error: {exc}", file=sys.stderr)
         return 2
