@@ -100,7 +100,7 @@ def test_co_table_in_paper_layout_with_intervals_and_paired_differences():
         "| Δ DER − base | | -13.0 [-20.0, -7.0], p < 0.001 | +45.0 [+35.0, +55.0], p < 0.001 "
         "| +40.0 [+20.0, +60.0], p = 0.008 |\n"
         "\nAccuracy (%) with its Wilson 95 % interval: clean and PGD on the first 100 test images, AA (standard "
-        "AutoAttack) on the first 20 of them; final checkpoint; PGD with 3 restarts. Differences (Δ rows) in "
+        "AutoAttack) on the first 20 of them; final checkpoint; PGD with 3 random starts. Differences (Δ rows) in "
         "percentage points on the same images: paired-bootstrap 95 % interval and exact McNemar p-value.\n")
 
 

@@ -154,10 +154,10 @@ def _first(evals: dict, runs: list[str], key: str):
 
 def _footnote(evals: dict, runs: list[str], checkpoints: str, warned: bool) -> str:
     """What the numbers are: sample sizes, intervals, the paired tests, the AutoAttack warning mark."""
-    n_aa = _first(evals, runs, "aa_examples")
+    n_aa, starts = _first(evals, runs, "aa_examples"), _first(evals, runs, "restarts")
     text = (f"\n\nAccuracy (%) with its Wilson 95 % interval: clean and PGD on the first {_first(evals, runs, 'n_examples')}"
             f" test images, " + (f"AA (standard AutoAttack) on the first {n_aa} of them" if n_aa else "AA not run")
-            + f"; {checkpoints}; PGD with {_first(evals, runs, 'restarts')} restarts. Differences (Δ rows) in "
+            + f"; {checkpoints}; PGD with {starts} random start{'' if starts == 1 else 's'}. Differences (Δ rows) in "
             "percentage points on the same images: paired-bootstrap 95 % interval and exact McNemar p-value.")
     if warned:
         text += (f" {WARNED}: AutoAttack's own checks raised warnings for this checkpoint (e.g. Square broke points "
