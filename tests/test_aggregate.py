@@ -289,7 +289,8 @@ def test_co_study_settings_and_eps_labels():
     assert [(s["label"], s["eps"], s["pgd"], s["rows"]) for s in st["settings"]] == [
         ("data.dataset=null", [0.1], "pgd50_acc", ["FGSM"]), ('data.dataset="cifar10"', [8 / 255], None, ["FGSM"])]
     md = co_study.markdown(st)
-    assert '## data.dataset="cifar10"' in md and "| Method | ε = 8/255 |" in md
+    assert '## cifar10\n\nParams that set this setting apart: data.dataset="cifar10".' in md
+    assert "| Method | ε = 8/255 |" in md
     assert "| FGSM | CO 1/1 · div 0/1 |" in md
 
 

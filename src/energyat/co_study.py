@@ -16,6 +16,7 @@ later recovered) is kept in the JSON.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from . import stats
 from .aggregate import EVAL, POOL_IGNORE, TRAIN, Group, differing, finite, strongest_pgd
@@ -111,10 +112,17 @@ def study(groups: list[Group]) -> dict:
         pgd = strongest_pgd([m.metrics.get(EVAL.format(run=r["run"], variant=r["variant"])) or {}
                              for g, rows in gs for r in rows for m in g.members])
         if cells := _cells(gs, pgd):
-            out.append({"label": ", ".join(f"{k}={json.dumps(first.flat_params.get(k))}" for k in distinct),
+            out.append({"title": _title(first.flat_params),
+                        "label": ", ".join(f"{k}={json.dumps(first.flat_params.get(k))}" for k in distinct),
                         "pgd": pgd, "eps": sorted({e for _, e in cells}),
                         "rows": list(dict.fromkeys(label for label, _ in cells)), "cells": list(cells.values())})
     return {"settings": out}
+
+
+def _title(flat: dict) -> str:
+    """A setting's heading: its dataset, and the file an image folder came from."""
+    dataset, source = flat.get("data.dataset") or "dataset of params.yaml", flat.get("data.source")
+    return dataset + (f" ({Path(str(source)).name})" if dataset == "image-folder" and source else "")
 
 
 def _cell(s: dict | None, n_max: int) -> str:
@@ -136,7 +144,7 @@ def markdown(st: dict) -> str:
         lines.append("No finished experiment with single-step runs.")
     for s in st["settings"]:
         if s["label"]:
-            lines += [f"## {s['label']}", ""]
+            lines += [f"## {s['title']}", "", f"Params that set this setting apart: {s['label']}.", ""]
         cells = {(c["label"], c["eps"]): c for c in s["cells"]}
         n_max = max(c["n"] for c in s["cells"])
         head = "| Method | " + " | ".join(f"ε = {fmt_eps(e)}" for e in s["eps"]) + " |"
