@@ -15,9 +15,11 @@ Requirements (nothing is installed, created or downloaded here):
 - Inception FID only where the Inception file is in the torch hub cache (`make inception`); otherwise FID is
   computed on the features of the check's own `standard` model and labelled so.
 
-What runs (each stage timed, with peak GPU memory): the bench of `make bench` (our training step vs the plain
-reference loop of every method, with and without DER, bf16 + channels_last as our step runs on CUDA); our step in
-fp32 for standard / FGSM / PGD-10 ± DER and a plain fp32, non-channels-last PGD-10 loop; one epoch on 10k training
+What runs (each stage timed, with peak GPU memory): our step replayed from CUDA graphs against the eager step
+(13 steps from one initial model, weights compared); the bench of `make bench` (our training step vs the plain
+reference loop of every method, with and without DER, bf16 + channels_last + CUDA graphs as our step runs on CUDA);
+our step in fp32 for standard / FGSM / PGD-10 ± DER, PGD-10 ± DER without graphs, and a plain fp32,
+non-channels-last PGD-10 loop; one epoch on 10k training
 images of `standard` (the FID feature extractor) and of PGD-10 without and with DER (λ 6, γ 0.2); clean, PGD-20
 and standard AutoAttack accuracy of both PGD models on the first 500 test images; local class-wise PCA; SGLD from
 PCA starts with energy-guided stopping, 100 samples per class from each model; FID of the samples. Writes
@@ -135,7 +137,7 @@ class Clock:
 def fp32_training():
     """Our step without bf16 autocast. runtime.autocast has no precision switch, so the training module's
     reference to it is replaced by a disabled autocast for the duration of this measurement only."""
-    with mock.patch.object(training, "autocast", lambda device: torch.autocast(device.type, enabled=False)):
+    with mock.patch.object(training, "autocast", lambda device, cache=True: torch.autocast(device.type, enabled=False)):
         yield
 
 
@@ -193,6 +195,46 @@ class Check:
     def run_for(self, method: str) -> P.RunCfg:
         return replace(self.run_pgd, name=method, train=replace(self.run_pgd.train, method=method))
 
+    def graphs(self) -> None:
+        """CUDA graphs against the eager step, first (a capture that fails ends the check at once): from one
+        initial model, the same 13 steps of PGD-10 as fit can order them (diagnostics on alternate steps, then
+        DER on: three kinds of step, each captured after its warm-up; then a short batch, eager), with and without
+        graphs, and the largest weight difference beside that of two eager runs (non-deterministic cuDNN kernels
+        set that floor)."""
+        geometry = (self.meta["channels"], self.meta["size"], self.meta["num_classes"])
+        b = self.run_pgd.train.batch_size
+        full = bench.batch_for(geometry, b, self.device, self.params.seed)
+        short = tuple(t[: b // 2] for t in full)
+        plan = [(*full, False, i % 2 == 0) for i in range(8)] + [(*full, True, True)] * 4 + [(*short, True, True)]
+
+        def trained(cuda_graphs: bool) -> tuple[list[torch.Tensor], dict[str, float], int]:
+            model = self.make_model()
+            trainer = training.Trainer(model, self.run_pgd, self.device, cuda_graphs=cuda_graphs)
+            gen, sums = torch.Generator(device=self.device).manual_seed(self.params.seed), {}
+            for xb, yb, der_on, diagnose in plan:
+                for k, v in trainer.step(xb, yb, bench.LR, der_on, diagnose, gen).items():
+                    sums[k] = sums.get(k, 0) + v
+            kinds = len(trainer.graphs.graphs) if trainer.graphs is not None else 0
+            return [p.detach().float() for p in model.parameters()], {k: float(v) for k, v in sums.items()}, kinds
+
+        with self.clock("graphs"):
+            eager, eager_sums, _ = trained(False)
+            again, _, _ = trained(False)
+            graphed, graphed_sums, kinds = trained(True)
+
+        def largest(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+            return max(float((x - y).abs().max()) for x, y in zip(a, b))
+
+        scale = max(float(p.abs().max()) for p in eager)
+        diff, floor = largest(graphed, eager) / scale, largest(again, eager) / scale
+        sums_diff = max(abs(graphed_sums[k] - v) / max(abs(v), 1.0) for k, v in eager_sums.items())
+        self.out.update({"graphs.kinds_captured": kinds, "graphs.weight_diff_vs_eager": diff,
+                         "graphs.weight_diff_eager_vs_eager": floor, "graphs.sums_diff_vs_eager": sums_diff,
+                         "graphs.match": kinds == (3 if self.device.type == "cuda" else 0)
+                         and diff <= 10 * floor + 1e-5 and sums_diff <= 1e-3})
+        log(f"gpu-check graphs: {kinds} kinds captured; weights vs eager {diff:.2e} (eager vs eager {floor:.2e}); "
+            f"diagnostic sums {sums_diff:.2e}")
+
     def speed(self) -> None:
         """The bench (ours vs reference, every method ± DER, as our step runs here), then fp32 and plain figures."""
         plan, out = self.plan, self.out
@@ -213,6 +255,10 @@ class Check:
                         loop = bench.Ours(self.make_model(), self.run_for(method), self.device, use_der)
                         out[f"throughput.{name}.fp32.img_per_s"] = bench.throughput(loop, xb, yb, plan.fp32_seconds,
                                                                                    plan.warmup)
+            for use_der in (False, True):  # what the graphs bring: our step issued kernel by kernel
+                loop = bench.Ours(self.make_model(), self.run_pgd, self.device, use_der, cuda_graphs=False)
+                out[f"throughput.pgd{'.der' if use_der else ''}.bf16_eager.img_per_s"] = bench.throughput(
+                    loop, xb, yb, plan.fp32_seconds, plan.warmup)
             with torch_default_backends(self.device) as flags:
                 plain = bench.Reference(self.make_model(), self.run_pgd, self.device, bench.Precision(False, False),
                                         False)
@@ -323,6 +369,7 @@ class Check:
             "pgd_speedup_vs_plain": out["throughput.pgd.speedup_vs_plain"] >= TARGETS["pgd_speedup_vs_plain_min"],
             "der_cost": out["throughput.pgd.der_cost"] <= TARGETS["der_cost_max"],
             "ratios_vs_reference": not out["bench.below_target"],
+            "graphs_match_eager": out["graphs.match"],
             "total_seconds": seconds <= TARGETS["total_seconds_max"],
         }}
         plan, run = self.plan, self.run_pgd
@@ -334,7 +381,8 @@ class Check:
             "model": plan.arch, "batch_size": run.train.batch_size, "eps": run.train.eps, "train_steps": plan.steps,
             "n_train": plan.n_train, "n_test": plan.n_test, "n_aa": plan.n_aa, "samples_per_class": plan.per_class,
             "der": {"lambda": run.der.lam, "gamma": run.der.gamma}, "preset": str(self.args.preset),
-            "precision": "bf16 autocast + channels_last (ours on CUDA); fp32 keys: ours without autocast",
+            "precision": "bf16 autocast + channels_last + CUDA graphs (ours on CUDA); fp32 keys: ours without "
+                         "autocast; bf16_eager keys: ours without CUDA graphs",
         }
 
 
@@ -349,6 +397,8 @@ def check(args: argparse.Namespace, save: Callable[[dict], None]) -> dict:
               **{f"peak_gib.{n}": g for n, g in run.clock.peak_gib.items()},
               "partial": f"stopped after {stage} ({time.perf_counter() - start:.0f} s)"})
 
+    run.graphs()
+    done("graphs")
     run.speed()
     done("speed")
     models = run.train()

@@ -5,11 +5,12 @@ PreActResNet-18 at the paper's batch of 128 barely faster in bf16 than in fp32, 
     PYTHONPATH=src python3 scripts/gpu_profile.py --device cpu --tiny --out FILE  CPU dry run (numbers say nothing)
 
 What it measures, on a synthetic CIFAR-sized batch (speed does not depend on the pixels):
-- img/s of our PGD-10 step without and with DER, in bf16 + channels_last (ours on CUDA) and in fp32, at each
-  batch size, and of the plain fp32 loop (PyTorch's default backend flags) beside them: a bf16 gain that grows
-  with the batch says the small batch is bound by issuing kernels, not by arithmetic;
-- three profiled steps of each at the first batch size: wall time per step vs the GPU kernels' time in it, the
-  kernel count, and the kernels that took longest;
+- img/s of our PGD-10 step without and with DER, in bf16 + channels_last + CUDA graphs (ours on CUDA), the same
+  without graphs (`bf16_eager`) and in fp32, at each batch size, and of the plain fp32 loop (PyTorch's default
+  backend flags) beside them: a bf16 gain that grows with the batch says the small batch is bound by issuing
+  kernels, not by arithmetic;
+- three profiled steps of each (with and without graphs) at the first batch size: wall time per step vs the GPU
+  kernels' time in it, the kernel count, and the kernels that took longest;
 - the same steps with the network under `torch.compile`, while time is left (--compile-deadline).
 After each measurement the JSON holds everything so far, so a run cut short keeps its figures.
 """
@@ -105,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         for der in (False, True):
             name = f"pgd{'.der' if der else ''}.b{batch}"
             record(f"{name}.bf16", bench.throughput(bench.Ours(new_model(), run, device, der), xb, yb, seconds))
+            record(f"{name}.bf16_eager", bench.throughput(bench.Ours(new_model(), run, device, der, cuda_graphs=False),
+                                                          xb, yb, seconds))
             with fp32_training():
                 record(f"{name}.fp32", bench.throughput(bench.Ours(new_model(), run, device, der), xb, yb, seconds))
         with torch_default_backends(device):
@@ -113,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
 
     xb, yb = bench.batch_for((3, 32, 10), batches[0], device)
     for der in (False, True):
-        record(f"profile.pgd{'.der' if der else ''}.b{batches[0]}.bf16",
-               profiled(bench.Ours(new_model(), run, device, der), xb, yb, 3))
+        for graphs in (True, False):
+            record(f"profile.pgd{'.der' if der else ''}.b{batches[0]}.bf16{'' if graphs else '_eager'}",
+                   profiled(bench.Ours(new_model(), run, device, der, cuda_graphs=graphs), xb, yb, 3))
 
     for der in (False, True):
         if time.perf_counter() - begin > args.compile_deadline:

@@ -146,7 +146,7 @@ def test_training_step_under_cpu_bf16_autocast(splits, monkeypatch):
     cfg = run_cfg(method="rs-fgsm", der={"lambda": 1.0})
     ref_model = tiny_model()
     ref = fit(ref_model, train, val, cfg, True, torch.device("cpu"), seed=2)
-    monkeypatch.setattr(T, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    monkeypatch.setattr(T, "autocast", lambda device, cache=True: torch.autocast("cpu", dtype=torch.bfloat16))
     model = tiny_model()
     trainer = T.Trainer(model, cfg, torch.device("cpu"))
     x, y = train.x[:64], train.y[:64]

@@ -251,6 +251,8 @@ class Params:
     # e.g. one queued experiment per GPU)
     device: str = "auto"
     threads: int = field(default=2, metadata=_range(1))
+    # CUDA, one process: replay each training step from CUDA graphs (step_graphs.py); no effect on the CPU
+    cuda_graphs: bool = True
     distributed: DistributedCfg = field(default_factory=DistributedCfg)
     data: DataCfg = field(default_factory=DataCfg)
     model: ModelCfg = field(default_factory=ModelCfg)

@@ -53,9 +53,10 @@ def setup(params) -> torch.device:
     return device
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA only: on the 2-core CPUs we measured it is slower than fp32."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+def autocast(device: torch.device, cache: bool = True):
+    """bf16 autocast on CUDA only: on the 2-core CPUs we measured it is slower than fp32. `cache=False`: no cache
+    of cast weights (training steps, eager or in a CUDA graph: train.loss_backward says why)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=cache)
 
 
 def progress(iterable=None, **kwargs):

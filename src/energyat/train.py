@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -25,6 +26,7 @@ from .errors import UserError
 from .methods import METHODS, bn_stats_frozen, gradalign_cosines
 from .params import RunCfg, TrainCfg
 from .runtime import autocast, log, progress
+from .step_graphs import StepGraphs
 
 HISTORY_COLUMNS = (
     "epoch", "lr", "train_loss", "train_clean_acc", "train_adv_acc", "val_clean_acc", "val_pgd_acc",
@@ -168,6 +170,20 @@ def make_optimizer(model: nn.Module, cfg: TrainCfg) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=cfg.lr_max, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
+def loss_backward(step_module: nn.Module, device: torch.device, x: Tensor, y: Tensor, noise: Tensor | None,
+                  der_on: bool, diagnose: bool, global_batch: int) -> dict[str, Tensor]:
+    """One step's loss and its gradients (accumulated into .grad); returns the diagnostic SUMS.
+
+    Without autocast's cast cache, eagerly as in a CUDA graph (which cannot keep it): with the cache, a weight
+    that two differentiable forwards use (DER's natural forward, GradAlign, TRADES) has its two gradients summed
+    in bf16 before the cast back to fp32, without it in fp32, so replays and eager steps would differ (measured
+    on an H200: 1e-2 in the weights after 13 steps; bit-identical without the cache)."""
+    with autocast(device, cache=False):
+        loss, sums = step_module(x, y, noise, der_on, diagnose, global_batch)
+    loss.backward()
+    return sums
+
+
 class Trainer:
     """The model, its optimiser and the step of `run`'s method on this rank (DDP-wrapped under torchrun).
 
@@ -175,7 +191,8 @@ class Trainer:
     every rank seeds alike, then sliced to the rank's shard: N ranks train exactly what one process would.
     """
 
-    def __init__(self, model: nn.Module, run: RunCfg, device: torch.device, augmentation: str = "none"):
+    def __init__(self, model: nn.Module, run: RunCfg, device: torch.device, augmentation: str = "none",
+                 cuda_graphs: bool = True):
         self.run, self.cfg, self.device, self.augmentation = run, run.train, device, augmentation
         self.method = METHODS[run.train.method]
         ctx = distributed.context()
@@ -196,6 +213,14 @@ class Trainer:
             self.step_module = DistributedDataParallel(
                 self.objective, device_ids=[device.index] if device.type == "cuda" else None)
         self.optimizer = make_optimizer(model, run.train)
+        self.graphs = None  # the step's forward and backward replayed from CUDA graphs (step_graphs.py)
+        if cuda_graphs and device.type == "cuda":
+            if ctx.distributed:
+                log(f"{run.name}: CUDA graphs off under torchrun (DDP's gradient all-reduce is not captured)")
+            else:
+                # a partial, not a bound method: no Trainer <-> graphs cycle keeping the graphs' memory alive
+                self.graphs = StepGraphs(partial(loss_backward, self.step_module, device), list(model.parameters()),
+                                         device, run.train.batch_size)
 
     def step(self, xb: Tensor, yb: Tensor, lr: float, der_on: bool, diagnose: bool,
              gen: torch.Generator) -> dict[str, Tensor]:
@@ -215,10 +240,11 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        with autocast(self.device):
-            loss, sums = self.step_module(x, y, noise, der_on, diagnose, b)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.graphs is not None:
+            sums = self.graphs((x, y, noise), (der_on, diagnose, b))
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            sums = loss_backward(self.step_module, self.device, x, y, noise, der_on, diagnose, b)
         self.optimizer.step()
         return sums
 
@@ -227,17 +253,18 @@ EpochCallback = Callable[[dict], None]
 
 
 def fit(model: nn.Module, train: Split, val: Split, run: RunCfg, use_der: bool, device: torch.device, seed: int,
-        resume: dict | None = None, on_epoch_end: EpochCallback | None = None, augmentation: str = "none"
-        ) -> list[dict]:
+        resume: dict | None = None, on_epoch_end: EpochCallback | None = None, augmentation: str = "none",
+        cuda_graphs: bool = True) -> list[dict]:
     """Train `model` for `run.train.epochs` epochs; returns the per-epoch history (rows of HISTORY_COLUMNS).
 
     `resume`: {"epoch", "history", "model", "optimizer"} as passed to `on_epoch_end` after an earlier epoch.
     `on_epoch_end` receives that dict plus "row" and "is_best" after every epoch, on every rank (the caller
     writes on rank 0). A DER run's best epoch is chosen among its epochs with DER on, so that its `best`
-    checkpoint is always a DER model.
+    checkpoint is always a DER model. `cuda_graphs`: on a CUDA device in one process, replay each step's forward
+    and backward from CUDA graphs (step_graphs.py; the same kernels, without issuing them one by one).
     """
     cfg = run.train
-    trainer = Trainer(model, run, device, augmentation)
+    trainer = Trainer(model, run, device, augmentation, cuda_graphs)
     method, opt = trainer.method, trainer.optimizer
     history: list[dict] = []
     start = 0

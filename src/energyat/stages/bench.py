@@ -187,6 +187,9 @@ class Reference:
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=run.train.lr_max, momentum=run.train.momentum,
                                          weight_decay=run.train.weight_decay)
 
+    def warmup_steps(self, requested: int) -> int:
+        return requested
+
     def step(self, xb: Tensor, yb: Tensor, lr: float, gen: torch.Generator) -> None:
         x = xb.float().div(255)
         if self.precision.channels_last:
@@ -204,10 +207,11 @@ class Reference:
 
 class Ours:
     """`Trainer.step` driven as `fit` drives it: diagnostics where they are free, else on every `diag_every`-th
-    batch; the diagnostic sums accumulate on the device and are read once per round (fit: once per epoch)."""
+    batch; the diagnostic sums accumulate on the device and are read once per round (fit: once per epoch); on CUDA
+    the step replays from CUDA graphs unless `cuda_graphs` is False (the `cuda_graphs` param's default: on)."""
 
-    def __init__(self, model: nn.Module, run: RunCfg, device: torch.device, use_der: bool):
-        self.trainer = Trainer(model, run, device)
+    def __init__(self, model: nn.Module, run: RunCfg, device: torch.device, use_der: bool, cuda_graphs: bool = True):
+        self.trainer = Trainer(model, run, device, cuda_graphs=cuda_graphs)
         m = self.trainer.method
         self.der_on = use_der and m.adversarial
         self.free = m.natural_from_attack or m.natural_trains or self.der_on
@@ -215,6 +219,11 @@ class Ours:
         self.cycle = max(1, self.diag_every)  # steps that repeat the same work: one diagnosed, the others not
         self.i = 0
         self.acc: dict[str, Tensor | int] = {}
+
+    def warmup_steps(self, requested: int) -> int:
+        """Untimed steps before a measurement: with CUDA graphs, whole cycles until every kind of step is captured."""
+        graphs = self.trainer.graphs
+        return requested if graphs is None else max(requested, self.cycle * (graphs.warmup + 1))
 
     def step(self, xb: Tensor, yb: Tensor, lr: float, gen: torch.Generator) -> None:
         diagnose = self.diag_every > 0 and (self.free or self.i % self.diag_every == 0)
@@ -250,7 +259,7 @@ def timed_steps(loop, xb: Tensor, yb: Tensor, gen: torch.Generator, steps: int) 
 def calibrated_steps(loop, xb: Tensor, yb: Tensor, gen: torch.Generator, seconds: float, warmup: int) -> int:
     """After `warmup` untimed steps (allocations, cuDNN's algorithm search), how many whole cycles of `loop`'s
     steps last about `seconds`, judged from one timed cycle."""
-    timed_steps(loop, xb, yb, gen, warmup)
+    timed_steps(loop, xb, yb, gen, loop.warmup_steps(warmup))
     per_step = timed_steps(loop, xb, yb, gen, loop.cycle) / loop.cycle
     return loop.cycle * max(1, round(seconds / (per_step * loop.cycle)))
 

@@ -161,7 +161,7 @@ def run(params: Params, run_name: str, variant: str) -> None:
             f"aae {row['aae_frac']:.3f} dE(x) {row['dE_x']:.3f} ({row['seconds']:.0f}s)")
 
     history = fit(model, splits["train"], splits["val"], rc, use_der, device, params.seed, resume, on_epoch_end,
-                  augmentation=augmentation)
+                  augmentation=augmentation, cuda_graphs=params.cuda_graphs)
     if not main:
         return
     summary = summarize(history, data_meta["num_classes"], rc.train.co_drop, adversarial=rc.train.method != "standard",
