@@ -279,6 +279,23 @@ def test_co_study_table_rows_methods_columns_eps():
     json.dumps(st, allow_nan=False)
 
 
+def test_co_study_ignores_files_an_experiment_kept_from_its_base_commit():
+    """An experiment of one run's stages still holds the committed files of the others (the default run's, another
+    eps or test-image count): they are not its cells."""
+    own_ev, own_tr = co_metrics(0.7, 0.3, 0.3, False)
+    stale_ev, stale_tr = co_metrics(0.9, 0.6, 0.6, False)
+    p = {**params(0, eps=0.3, runs=STUDY_RUNS), "evaluate": {"n_examples": 500}}
+    metrics = {"metrics/eval/n-fgsm.base.json": {**own_ev, "eps": 0.3, "method": "n-fgsm", "n_examples": 500},
+               "metrics/train/n-fgsm.base.json": {**own_tr, "eps": 0.3, "method": "n-fgsm"},
+               "metrics/eval/fgsm.base.json": {**stale_ev, "eps": 0.3, "method": "fgsm", "n_examples": 1000},
+               "metrics/train/fgsm.base.json": {**stale_tr, "eps": 0.3, "method": "fgsm"},
+               "metrics/eval/fgsm.der.json": {**stale_ev, "eps": 0.1, "method": "fgsm"},
+               "metrics/train/fgsm.der.json": {**stale_tr, "eps": 0.1, "method": "fgsm"}}
+    found, _ = aggregate.experiments(show(experiments=[exp("partial", "7" * 40, p, metrics)]), head=None)
+    (s,) = co_study.study(aggregate.group(found, min_members=1)[0])["settings"]
+    assert [(c["label"], c["stats"]["pgd50_acc"]["mean"]) for c in s["cells"]] == [("N-FGSM", pytest.approx(0.3))]
+
+
 def test_co_study_settings_and_eps_labels():
     assert [co_study.fmt_eps(e) for e in (0.1, 8 / 255, 16 / 255, 0.2)] == ["0.1", "8/255", "16/255", "0.2"]
     cifar = {**params(0, eps="8/255", runs=STUDY_RUNS), "data": {"dataset": "cifar10"}}

@@ -16,6 +16,7 @@ later recovered) is kept in the JSON.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from . import stats
@@ -64,11 +65,24 @@ def _accuracy_keys(pgd: str | None) -> list[str]:
     return [k for k in ("clean_acc", pgd, "aa_acc") if k]
 
 
-def _seed_record(m, run: str, variant: str, pgd: str | None) -> dict | None:
-    """One seed of one cell: final-checkpoint accuracies and collapse flags (None when the seed has neither file)."""
-    ev = m.metrics.get(EVAL.format(run=run, variant=variant)) or {}
-    tr = m.metrics.get(TRAIN.format(run=run, variant=variant)) or {}
-    if not ev and not tr:
+def _own(m, cell: dict, ev: dict, tr: dict) -> bool:
+    """Whether the cell's metrics files were made by this experiment. One that ran only some runs' stages still
+    holds its base commit's files for the others (the default run's, say), which give themselves away by the eps,
+    method or test-image count they record."""
+    recorded = ev or tr
+    eps, n = recorded.get("eps"), ev.get("n_examples")
+    wanted_n = m.flat_params.get("evaluate.n_examples")
+    return ((eps is None or math.isclose(float(eps), cell["eps"], rel_tol=1e-6))
+            and recorded.get("method", cell["method"]) == cell["method"]
+            and (n is None or wanted_n is None or n == wanted_n))
+
+
+def _seed_record(m, cell: dict, pgd: str | None) -> dict | None:
+    """One seed of one cell: final-checkpoint accuracies and collapse flags (None when the seed has neither file
+    of its own)."""
+    ev = m.metrics.get(EVAL.format(run=cell["run"], variant=cell["variant"])) or {}
+    tr = m.metrics.get(TRAIN.format(run=cell["run"], variant=cell["variant"])) or {}
+    if not (ev or tr) or not _own(m, cell, ev, tr):
         return None
     return {"seed": m.seed, "name": m.name, "rev": m.rev, **{k: ev.get(f"last.{k}") for k in _accuracy_keys(pgd)},
             **{k: tr.get(k) for k in COUNTS}}
@@ -88,7 +102,7 @@ def _cells(groups: list[tuple[Group, list[dict]]], pgd: str | None) -> dict[tupl
             if where in cells:
                 raise UserError(f"co study: two groups fill the cell {r['label']} at eps {r['eps']:g} "
                                 f"({cells[where]['group']}, {g.id}); their params differ in more than seed and eps")
-            seeds = [rec for m in g.members if (rec := _seed_record(m, r["run"], r["variant"], pgd))]
+            seeds = [rec for m in g.members if (rec := _seed_record(m, r, pgd))]
             if seeds:
                 cells[where] = {**r, "group": g.id, "n": len(seeds), "seeds": seeds,
                                 "stats": {k: _stats([x[k] for x in seeds]) for k in _accuracy_keys(pgd)},
