@@ -296,6 +296,26 @@ def test_co_study_ignores_files_an_experiment_kept_from_its_base_commit():
     assert [(c["label"], c["stats"]["pgd50_acc"]["mean"]) for c in s["cells"]] == [("N-FGSM", pytest.approx(0.3))]
 
 
+def test_co_study_takes_each_cell_from_the_newest_experiment_of_the_seed_that_ran_it():
+    """A later experiment of one run's stages (seed 0) adds its cell; the others still come from the earlier one."""
+    def cell(run, variant, pgd):
+        ev, tr = co_metrics(0.7, pgd, pgd, False)
+        return {f"metrics/eval/{run}.{variant}.json": {**ev, "eps": 0.3, "method": run, "n_examples": 500},
+                f"metrics/train/{run}.{variant}.json": {**tr, "eps": 0.3, "method": run}}
+    p = {**params(0, eps=0.3, runs=STUDY_RUNS), "evaluate": {"n_examples": 500}}
+    early = exp("early", "6" * 40, p, {**cell("fgsm", "base", 0.0), **cell("n-fgsm", "base", 0.2)},
+                ts="2026-01-01T10:00:00")
+    stale_fgsm = {"metrics/eval/fgsm.base.json": {"last.pgd50_acc": 0.9, "eps": 0.1, "method": "fgsm"}}
+    late = exp("late", "5" * 40, p, {**cell("n-fgsm", "base", 0.3), **stale_fgsm}, ts="2026-01-01T11:00:00")
+    found, _ = aggregate.experiments(show(experiments=[early, late]), head=None)
+    groups, notes = aggregate.group(found, min_members=1, keep_older=True)
+    assert notes == ["early: fills only what late (seed 0, newer) lacks"]
+    (s,) = co_study.study(groups)["settings"]
+    got = {c["label"]: (c["seeds"][0]["name"], c["stats"]["pgd50_acc"]["mean"]) for c in s["cells"]}
+    assert got == {"FGSM": ("early", pytest.approx(0.0)), "N-FGSM": ("late", pytest.approx(0.3))}
+    assert aggregate.group(found, min_members=1)[0][0].older == ()  # the seeds report keeps one per seed
+
+
 def test_co_study_settings_and_eps_labels():
     assert [co_study.fmt_eps(e) for e in (0.1, 8 / 255, 16 / 255, 0.2)] == ["0.1", "8/255", "16/255", "0.2"]
     cifar = {**params(0, eps="8/255", runs=STUDY_RUNS), "data": {"dataset": "cifar10"}}

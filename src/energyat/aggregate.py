@@ -71,6 +71,7 @@ class Experiment:
 @dataclass(frozen=True)
 class Group:
     members: tuple[Experiment, ...]  # ordered by seed
+    older: tuple[Experiment, ...] = ()  # earlier experiments of the same seeds (group(keep_older=True)), newest first
 
     @property
     def params(self) -> dict:
@@ -178,32 +179,38 @@ def differing(exps: list[Experiment], ignore: tuple[str, ...] = POOL_IGNORE) -> 
     return [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flats}) > 1]
 
 
-def _one_per_seed(members: list[Experiment]) -> tuple[list[Experiment], list[str]]:
-    """One experiment per seed (the newest), ordered by seed; notes for the ones left out."""
+def _one_per_seed(members: list[Experiment], keep_older: bool = False
+                  ) -> tuple[list[Experiment], list[Experiment], list[str]]:
+    """One experiment per seed (the newest), ordered by seed; the older ones, newest first; notes on them."""
     by_seed: dict[str, Experiment] = {}
-    notes = []
+    older, notes = [], []
     for e in sorted(members, key=lambda e: e.timestamp, reverse=True):
         key = json.dumps(e.seed)
         if key in by_seed:
-            notes.append(f"{e.name}: skipped (seed {e.seed} already pooled from {by_seed[key].name}, newer)")
+            older.append(e)
+            notes.append(f"{e.name}: " + (f"fills only what {by_seed[key].name} (seed {e.seed}, newer) lacks"
+                                          if keep_older else
+                                          f"skipped (seed {e.seed} already pooled from {by_seed[key].name}, newer)"))
         else:
             by_seed[key] = e
-    return sorted(by_seed.values(), key=lambda e: (str(type(e.seed)), e.seed)), notes
+    return sorted(by_seed.values(), key=lambda e: (str(type(e.seed)), e.seed)), older, notes
 
 
-def group(exps: list[Experiment], min_members: int = 2) -> tuple[list[Group], list[str]]:
+def group(exps: list[Experiment], min_members: int = 2, keep_older: bool = False) -> tuple[list[Group], list[str]]:
     """Experiments whose params differ only in `seed`, one group per params setting (groups with fewer than
-    `min_members` seeds are left out), in the order of their first member; and notes."""
+    `min_members` seeds are left out), in the order of their first member; and notes. `keep_older`: earlier
+    experiments of a seed stay in the group as `older` (the CO study takes each cell from the newest experiment
+    of the seed that ran it)."""
     buckets: dict[str, list[Experiment]] = {}
     for e in exps:
         key = json.dumps(pooling_params(e.flat_params), sort_keys=True)
         buckets.setdefault(key, []).append(e)
     groups, notes = [], []
     for members in buckets.values():
-        members, dup_notes = _one_per_seed(members)
+        members, older, dup_notes = _one_per_seed(members, keep_older)
         notes += dup_notes
         if len(members) >= min_members:
-            groups.append(Group(tuple(members)))
+            groups.append(Group(tuple(members), tuple(older) if keep_older else ()))
         else:
             notes.append(f"{', '.join(m.name for m in members)}: not pooled (no other seed with the same params)")
     return groups, notes

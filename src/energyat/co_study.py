@@ -88,6 +88,14 @@ def _seed_record(m, cell: dict, pgd: str | None) -> dict | None:
             **{k: tr.get(k) for k in COUNTS}}
 
 
+def _newest_record(g: Group, m, cell: dict, pgd: str | None) -> dict | None:
+    """Seed `m.seed`'s record of the cell from the newest of its experiments that ran the cell (`m`, then the
+    group's older experiments of that seed): a later experiment of a few runs adds cells without hiding the
+    others."""
+    same_seed = [o for o in g.older if json.dumps(o.seed) == json.dumps(m.seed)]
+    return next((rec for e in (m, *same_seed) if (rec := _seed_record(e, cell, pgd))), None)
+
+
 def _stats(values: list) -> dict | None:
     nums = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
     return {k: finite(v) for k, v in stats.t_interval(nums).items()} if nums else None
@@ -102,7 +110,7 @@ def _cells(groups: list[tuple[Group, list[dict]]], pgd: str | None) -> dict[tupl
             if where in cells:
                 raise UserError(f"co study: two groups fill the cell {r['label']} at eps {r['eps']:g} "
                                 f"({cells[where]['group']}, {g.id}); their params differ in more than seed and eps")
-            seeds = [rec for m in g.members if (rec := _seed_record(m, r, pgd))]
+            seeds = [rec for m in g.members if (rec := _newest_record(g, m, r, pgd))]
             if seeds:
                 cells[where] = {**r, "group": g.id, "n": len(seeds), "seeds": seeds,
                                 "stats": {k: _stats([x[k] for x in seeds]) for k in _accuracy_keys(pgd)},

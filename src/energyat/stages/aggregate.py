@@ -79,7 +79,7 @@ def run(params: Params, names: list[str], co: bool = False) -> None:
     if names:
         exps = aggregate.select(exps, names)
     if co:
-        groups, notes = aggregate.group(exps, min_members=1)
+        groups, notes = aggregate.group(exps, min_members=1, keep_older=True)
         for note in notes:
             log(f"aggregate: {note}")
         study = co_study.study(groups)
