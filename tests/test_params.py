@@ -118,6 +118,31 @@ def test_presets_are_valid_params_files():
         assert p.run_names() and p.sample.run in p.run_names()
 
 
+def _dvc_param_paths() -> set[str]:
+    """Every fixed dotted path a stage of dvc.yaml lists under `params` (templated `${...}` entries aside)."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    found = set()
+    for stage in stages.values():
+        for entry in stage.get("do", stage).get("params", []):
+            if isinstance(entry, str) and "${" not in entry:
+                found.add(entry)
+    return found
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "presets").glob("*.yaml")))
+def test_presets_name_every_param_dvc_tracks(preset):
+    """`cp presets/X.yaml params.yaml; dvc exp run` fails on a param a stage lists but the preset omits, even where
+    the typed loader would fill in its default."""
+    raw = yaml.safe_load((ROOT / "presets" / preset).read_text())
+    paths = _dvc_param_paths()
+    assert {"seed", "cuda_graphs", "data.augment"} <= paths
+    for path in sorted(paths):
+        node = raw
+        for key in path.split("."):
+            assert isinstance(node, dict) and key in node, f"{preset} lacks {path}, which dvc.yaml tracks"
+            node = node[key]
+
+
 def test_paper_preset_resolves_to_the_published_recipe():
     """What the code makes of the preset: PGD-10 with Rice et al.'s 2/255 step, DER switched on exactly at the
     first LR decay, CIFAR's crop + flip, every test image attacked."""
