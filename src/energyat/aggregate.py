@@ -33,8 +33,10 @@ from .report import METHOD_NAMES, family
 PARAMS_FILE = "params.yaml"
 SEED = "seed"
 # how many cores / ranks compute a run, not what is computed (ranks give the same numbers; threads change only
-# float summation order), and which GPU (`device: cuda:N` counts as `cuda`): experiments differing in these pool
-EXECUTION = ("threads", "distributed.nproc")
+# float summation order), whether CUDA graphs launch the steps (replays are bit-identical to eager steps; absent in
+# experiments older than the param), and which GPU (`device: cuda:N` counts as `cuda`): experiments differing in
+# these pool
+EXECUTION = ("threads", "distributed.nproc", "cuda_graphs")
 POOL_IGNORE = (SEED, *EXECUTION)
 
 
