@@ -116,6 +116,20 @@ def test_execution_settings_pool_but_another_device_type_does_not():
         aggregate.pool(aggregate.select(found, ["gpu0", "cpu"]))
 
 
+def test_a_data_source_pools_by_its_normalised_path():
+    def with_source(seed, source):
+        return {**params(seed), "data": {"dataset": "image-folder", "source": source}}
+
+    found, _ = aggregate.experiments(show(experiments=[
+        exp("old", "1" * 40, with_source(0, "/work/shared/datasets/c.tar.gz"), train_metrics(0.5)),
+        exp("new", "2" * 40, with_source(1, "/work/main/../shared//datasets/./c.tar.gz"), train_metrics(0.6)),
+        exp("other", "3" * 40, with_source(2, "/work/shared/datasets/d.tar.gz"), train_metrics(0.7)),
+    ]), head=None)
+    assert [e.name for e in aggregate.pool(aggregate.select(found, ["old", "new"])).members] == ["old", "new"]
+    with pytest.raises(UserError, match=r"params other than seed differ \(data.source\)$"):
+        aggregate.pool(aggregate.select(found, ["old", "other"]))
+
+
 def test_pool_refuses_experiments_whose_other_params_differ():
     found, _ = aggregate.experiments(show(experiments=[
         exp("a", "1" * 40, params(0), train_metrics(0.5)),

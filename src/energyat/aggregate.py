@@ -7,8 +7,9 @@ Pure functions over the JSON of `dvc exp show --json` (DVC 3.x: a list of baseli
   never one (it is HEAD plus uncommitted edits); the HEAD commit itself is one, pooled like any experiment when
   its params equal a group's except `seed` (the committed default run is seed 0 of the queued seeds).
 - A group is the candidates whose params (all params files, flattened) are equal except `seed` and the execution
-  settings `threads`, `distributed.nproc` and the GPU index of `device: cuda:N`; within a group a seed counts once
-  (the newest experiment with it).
+  settings `threads`, `distributed.nproc`, `cuda_graphs` and the GPU index of `device: cuda:N`, with a data source
+  path compared by its normalised spelling (`/a/b/../c` is `/a/c`); within a group a seed counts once (the newest
+  experiment with it).
 - Per metric key (metrics file + flattened key): numbers give n, mean, sample std and the Student-t 95 % interval
   of the mean over seeds (`stats.t_interval`); booleans give how many seeds were true.
 - Robust overfitting (multi-step runs of the experiments' `runs`, read from `metrics/eval/<run>.<variant>.json`):
@@ -21,6 +22,7 @@ import fnmatch
 import hashlib
 import json
 import math
+import posixpath
 import re
 from dataclasses import dataclass
 from fractions import Fraction
@@ -38,13 +40,19 @@ SEED = "seed"
 # these pool
 EXECUTION = ("threads", "distributed.nproc", "cuda_graphs")
 POOL_IGNORE = (SEED, *EXECUTION)
+# params naming a file: `-S data.source=$PWD/../shared/x.tar.gz` and `/work/shared/x.tar.gz` are one source
+PATH_PARAMS = ("data.source",)
 
 
 def pooling_params(flat: dict, ignore: tuple[str, ...] = POOL_IGNORE) -> dict:
-    """The flattened params that decide whether experiments pool: all but `ignore`, the GPU index dropped."""
+    """The flattened params that decide whether experiments pool: all but `ignore`, the GPU index dropped, file
+    paths normalised (lexically: `..` and `.` segments, doubled slashes)."""
     out = {k: v for k, v in flat.items() if k not in ignore}
     if isinstance(out.get("device"), str) and out["device"].startswith("cuda:"):
         out["device"] = "cuda"
+    for key in PATH_PARAMS:
+        if isinstance(out.get(key), str):
+            out[key] = posixpath.normpath(out[key])
     return out
 EVAL = "metrics/eval/{run}.{variant}.json"
 TRAIN = "metrics/train/{run}.{variant}.json"

@@ -10,7 +10,8 @@ row only, since its base model is that earlier run's.
 Cells, final checkpoint (`last`) of metrics/eval/<run>.<variant>.json: clean, the strongest PGD and AutoAttack
 accuracy as mean ± std over seeds; and from metrics/train/<run>.<variant>.json how many seeds collapsed:
 `co_at_end` (catastrophic overfitting that the final model still shows) and, counted separately, `diverged`
-(clean accuracy fell to chance); a seed may be in both. `catastrophic_overfitting` (CO at any epoch, even if
+(validation clean accuracy fell below twice chance at some epoch after having been above it; a run may recover,
+which the clean-accuracy table shows); a seed may be in both. `catastrophic_overfitting` (CO at any epoch, even if
 later recovered) is kept in the JSON.
 """
 from __future__ import annotations
@@ -160,7 +161,9 @@ def markdown(st: dict) -> str:
     lines = ["# Catastrophic overfitting: single-step methods ± DER", "",
              "Final checkpoint; accuracy (%) mean ± std over seeds (the t-intervals and every seed's values are in "
              "`metrics/co_study.json`); collapsed: seeds whose final model is in catastrophic overfitting "
-             "(`co_at_end`), and seeds that diverged (clean accuracy at chance), of the seeds run. Made by "
+             "(`co_at_end`), and seeds that diverged at some epoch (validation clean accuracy fell below twice chance "
+             "after having been above it; the clean-accuracy table shows whether the final model recovered), of the "
+             "seeds run. Made by "
              "`energyat aggregate --co-study`.", ""]
     if not st["settings"]:
         lines.append("No finished experiment with single-step runs.")
@@ -179,7 +182,7 @@ def markdown(st: dict) -> str:
                     _cell(cells[row, e]["stats"].get(key) if (row, e) in cells else None, n_max)
                     for e in s["eps"]) + " |")
             lines.append("")
-        lines += ["**Collapsed seeds** (catastrophic overfitting at the end · diverged)", "", head, sep]
+        lines += ["**Collapsed seeds** (catastrophic overfitting at the end · diverged at some epoch)", "", head, sep]
         for row in s["rows"]:
             lines.append(f"| {row} | " + " | ".join(
                 f"CO {cells[row, e]['co_at_end']}/{cells[row, e]['n']} · div {cells[row, e]['diverged']}/"
