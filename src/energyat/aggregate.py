@@ -54,6 +54,8 @@ def pooling_params(flat: dict, ignore: tuple[str, ...] = POOL_IGNORE) -> dict:
         if isinstance(out.get(key), str):
             out[key] = posixpath.normpath(out[key])
     return out
+
+
 EVAL = "metrics/eval/{run}.{variant}.json"
 TRAIN = "metrics/train/{run}.{variant}.json"
 SUMMARY = "metrics/summary.json"
