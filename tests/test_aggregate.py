@@ -228,10 +228,37 @@ def test_robust_overfitting_gap_and_der_gain_paired_over_seeds():
     assert set(ro["der_gain_last"]) == {"clean_acc", "pgd50_acc"}  # no AutoAttack key in these files
     assert ro["gap_change"]["values"] == pytest.approx([-0.02, -0.04, -0.04])
     assert "mcnemar_p" not in ro["gap_change"]
+    # Holm over the table's 5 paired-t p-values: gap base 0.0131 (smallest, × 5), gap DER and gap change 0.0377
+    # (t = 5 on 2 df, × 4 and × 3), PGD gain 0.0390 (× 2, raised to the running max), clean gain 0.667 (t = -0.5)
+    p_der = 2 * sps.t.sf(5, 2)
+    assert (gap["paired_t_p_holm"], ro["gap"]["der"]["paired_t_p_holm"], ro["gap_change"]["paired_t_p_holm"]) == \
+        (pytest.approx(5 * gap["paired_t_p"]), pytest.approx(4 * p_der), pytest.approx(4 * p_der))
+    assert gain["paired_t_p_holm"] == pytest.approx(4 * p_der)
+    assert ro["der_gain_last"]["clean_acc"]["paired_t_p_holm"] == pytest.approx(2 * sps.t.sf(0.5, 2))
     md = aggregate.markdown(aggregate.report(groups, flags))
-    assert "| best − last PGD-50, base | +5.0 ± 1.0 | [+2.5, +7.5] | 0.013 | 0.062, –, – |" in md
+    assert "| best − last PGD-50, base | +5.0 ± 1.0 | [+2.5, +7.5] | 0.013 (Holm 0.065) | 0.062, –, – |" in md
     assert "| last.pgd50_acc | 0.45 ± 0.01732 | [0.407, 0.493] | 3 | 0.46 | 0.46 | 0.43 |" in md
     assert "| last.pgd50_acc_lo |" not in md  # Wilson bounds of one seed: in the JSON only
+
+
+def test_paired_t_without_spread_is_not_computable():
+    """Every seed's gap is 0.04 (up to float noise in best − last): no t-test, shown as n/a and left out of Holm."""
+    runs = {"pgd": {"method": "pgd", "eps": 0.2}}
+    base = [(0.50, 0.46, 0.80), (0.52, 0.48, 0.81), (0.48, 0.44, 0.79)]
+    der = [(0.51, 0.49, 0.79), (0.52, 0.50, 0.80), (0.50, 0.49, 0.80)]
+    rows = [exp(f"ro-s{i}", str(i + 1) * 40, params(i, runs=runs),
+                {"metrics/eval/pgd.base.json": ro_eval(*base[i]), "metrics/eval/pgd.der.json": ro_eval(*der[i])})
+            for i in range(3)]
+    groups, _ = aggregate.group(aggregate.experiments(show(experiments=rows), head=None)[0])
+    rep = aggregate.report(groups, {})
+    ro = rep["groups"][0]["robust_overfitting"]["pgd"]
+    assert (ro["gap"]["base"]["paired_t_p"], ro["gap"]["base"]["paired_t_p_holm"]) == (None, None)
+    # the family is the 4 others: gap change (-0.02, -0.02, -0.03: t = -7) × 4, then gap DER (t = 5) × 3
+    assert ro["gap_change"]["paired_t_p_holm"] == pytest.approx(4 * 2 * sps.t.sf(7, 2))
+    assert ro["gap"]["der"]["paired_t_p_holm"] == pytest.approx(3 * 2 * sps.t.sf(5, 2))
+    md = aggregate.markdown(rep)
+    assert "| best − last PGD-50, base | +4.0 ± 0.0 | [+4.0, +4.0] | n/a | –, –, – |" in md
+    json.dumps(rep, allow_nan=False)
 
 
 def test_flag_vector_reads_the_evaluate_flags_format():

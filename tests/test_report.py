@@ -61,8 +61,14 @@ def test_summary_keys_are_flat_and_stable():
     assert s["co.fgsm.base.catastrophic_overfitting"] is True and s["co.fgsm.base.co_epoch"] == 4
     # DER − base on the same images: 8 of 20 AA images only DER gets right -> exact McNemar p = 2 / 2^8
     assert (s["co.fgsm.der_gain.aa_acc"], s["co.fgsm.der_gain.aa_acc_p"]) == (0.4, 0.007812)
-    assert s["co.fgsm.der_gain.aa_acc_lo"] == 0.2 and s["co.fgsm.der_gain.aa_acc_hi"] == 0.6
+    # Newcombe's paired interval (values from an independent high-precision computation): base has none of the 20
+    # AA images, an empty marginal, so phi is 0 and the bounds are those of unpaired square-and-add
+    assert s["co.fgsm.der_gain.aa_acc_lo"] == 0.1575 and s["co.fgsm.der_gain.aa_acc_hi"] == 0.6134
     assert (s["co.fgsm.der_gain.clean_acc"], s["co.fgsm.der_gain.clean_acc_p"]) == (-0.13, 0.0002441)
+    assert (s["co.fgsm.der_gain.clean_acc_lo"], s["co.fgsm.der_gain.clean_acc_hi"]) == (-0.2056, -0.0623)
+    # Holm over the CO table's family (clean, PGD-50, AA of the one CO run): clean is 2nd smallest -> 2 p
+    assert s["co.fgsm.der_gain.clean_acc_p_holm"] == 0.0004883 and s["co.fgsm.der_gain.aa_acc_p_holm"] == 0.007812
+    assert "co.fgsm.der_gain.pgd20_acc_p" in s and "co.fgsm.der_gain.pgd20_acc_p_holm" not in s  # not in the table
     assert s["co.fgsm.eps"] == 0.3 and s["co.fgsm.der.aa_warnings"] == 0
     # robust overfitting: both checkpoints, DER gain per checkpoint, best − last per variant
     assert s["ro.pgd.der.best.pgd50_acc"] == 0.7 and s["ro.pgd.base.last.aa_acc"] == 0.55
@@ -71,6 +77,9 @@ def test_summary_keys_are_flat_and_stable():
     assert (s["ro.pgd.der_gain.best.clean_acc"], s["ro.pgd.der_gain.best.clean_acc_p"]) == (-0.01, 1.0)
     assert (s["ro.pgd.base.best_minus_last.pgd50_acc"], s["ro.pgd.base.best_minus_last.pgd50_acc_p"]) == \
         (0.09, 0.003906)
+    # Holm over the RO table's 12 Δ cells: the smallest p times 12, the next (0.0156) times 11
+    assert s["ro.pgd.base.best_minus_last.pgd50_acc_p_holm"] == 0.04688
+    assert s["ro.pgd.der_gain.last.pgd50_acc_p_holm"] == 0.1719 and s["ro.pgd.der_gain.best.clean_acc_p_holm"] == 1.0
     assert (s["ro.pgd.base.best_minus_last.clean_acc"], s["ro.pgd.base.best_minus_last.clean_acc_p"]) == (-0.03, 0.25)
     assert s["ro.pgd.der.best_minus_last.aa_acc"] == 0 and s["ro.pgd.der.best_minus_last.aa_acc_p"] == 1.0
     assert s["ro.pgd.base.robust_overfitting_gap"] == 0.1 and "ro.pgd.base.co_epoch" not in s
@@ -81,14 +90,26 @@ def test_summary_keys_are_flat_and_stable():
     assert not any("seconds" in k or "apgd-ce" in k for k in s)
 
 
-def test_paired_differences_have_bootstrap_intervals_around_the_difference():
+def test_paired_differences_have_newcombe_intervals_around_the_difference():
     s = report.summary(METHODS, EVALS, TRAINS, FLAGS, STANDARD)
     d = stats.paired_difference([c == "1" for c in FLAGS["pgd", "base"]["last.pgd50"]],
                                 [c == "1" for c in FLAGS["pgd", "der"]["last.pgd50"]])
     assert (d["only_a"], d["only_b"]) == (0, 7)
     assert (s["ro.pgd.der_gain.last.pgd50_acc_lo"], s["ro.pgd.der_gain.last.pgd50_acc_hi"]) == \
-        (round(d["lo"], 4), round(d["hi"], 4))
-    assert 0 < s["ro.pgd.der_gain.last.pgd50_acc_lo"] < 0.07 < s["ro.pgd.der_gain.last.pgd50_acc_hi"]
+        (round(d["lo"], 4), round(d["hi"], 4)) == (0.0163, 0.1235)
+    # no discordant image (AA, best checkpoint: 13 of 20 for both): an interval, not [0, 0]
+    assert (s["ro.pgd.der_gain.best.aa_acc"], s["ro.pgd.der_gain.best.aa_acc_lo"],
+            s["ro.pgd.der_gain.best.aa_acc_hi"]) == (0, -0.1019, 0.1019)
+
+
+def test_tables_format_accuracies_from_the_flag_counts_not_the_rounded_bounds():
+    """3 of 11: Wilson [0.097461, 0.565645]; evaluate stores 0.0975, which would print 9.8 instead of 9.7."""
+    ev, fl = evaluated(0.3, last=(90, 1, 0, 0))
+    fl["last.aa"] = "11100000000"
+    ev.update({"last.aa_acc": round(3 / 11, 4), "last.aa_acc_lo": 0.0975, "last.aa_acc_hi": 0.5656})
+    acc = report.with_intervals(ev, "last", fl)
+    assert stats.fmt_pct_interval(acc["aa_acc"], acc["aa_acc_lo"], acc["aa_acc_hi"]) == "27.3 [9.7, 56.6]"
+    assert report.with_intervals(ev, "last")["aa_acc_lo"] == 0.0975  # without flags: the stored value as is
 
 
 def test_co_table_in_paper_layout_with_intervals_and_paired_differences():
@@ -97,11 +118,12 @@ def test_co_table_in_paper_layout_with_intervals_and_paired_differences():
         "|---|---:|---:|---:|---:|\n"
         "| FGSM | 0.3 | 90.0 [82.6, 94.5] | 0.0 [0.0, 3.7] | 0.0 [0.0, 16.1] |\n"
         "| FGSM + DER | 0.3 | 77.0 [67.8, 84.2] | 45.0 [35.6, 54.8] | 40.0 [21.9, 61.3] |\n"
-        "| Δ DER − base | | -13.0 [-20.0, -7.0], p < 0.001 | +45.0 [+35.0, +55.0], p < 0.001 "
-        "| +40.0 [+20.0, +60.0], p = 0.008 |\n"
+        "| Δ DER − base | | -13.0 [-20.6, -6.2], p < 0.001 (Holm < 0.001) | +45.0 [+34.9, +54.8], p < 0.001 "
+        "(Holm < 0.001) | +40.0 [+15.8, +61.3], p = 0.008 (Holm 0.008) |\n"
         "\nAccuracy (%) with its Wilson 95 % interval: clean and PGD on the first 100 test images, AA (standard "
         "AutoAttack) on the first 20 of them; final checkpoint; PGD with 3 random starts. Differences (Δ rows) in "
-        "percentage points on the same images: paired-bootstrap 95 % interval and exact McNemar p-value.\n")
+        "percentage points on the same images: Newcombe's paired score 95 % interval and exact McNemar p-value, "
+        "Holm-adjusted over the table's 3 Δ cells in brackets.\n")
 
 
 def test_ro_table_rows_flag_autoattack_warnings_and_show_missing_cells():
@@ -116,18 +138,19 @@ def test_ro_table_rows_flag_autoattack_warnings_and_show_missing_cells():
     assert lines[2:11] == [
         "| PGD-AT | 0.1 | best | 82.0 [73.3, 88.3] | 69.0 [59.4, 77.2] | 65.0 [43.3, 81.9] |",
         "| PGD-AT | 0.1 | last | 85.0 [76.7, 90.7] | 60.0 [50.2, 69.1] | 55.0 [34.2, 74.2] † |",
-        "| PGD-AT | | Δ best − last | -3.0 [-7.0, +0.0], p = 0.250 | +9.0 [+4.0, +15.0], p = 0.004 "
-        "| +10.0 [+0.0, +25.0], p = 0.500 |",
+        "| PGD-AT | | Δ best − last | -3.0 [-7.8, +1.3], p = 0.250 (Holm 1.000) "
+        "| +9.0 [+3.0, +14.9], p = 0.004 (Holm 0.094) | +10.0 [-5.9, +24.9], p = 0.500 (Holm 1.000) |",
         "| PGD-AT + DER | 0.1 | best | 81.0 [72.2, 87.5] | 70.0 [60.4, 78.1] | 65.0 [43.3, 81.9] |",
         "| PGD-AT + DER | 0.1 | last | 83.0 [74.5, 89.1] | 67.0 [57.3, 75.4] | – |",
-        "| PGD-AT + DER | | Δ best − last | -2.0 [-5.0, +0.0], p = 0.500 | +3.0 [+0.0, +7.0], p = 0.250 "
-        "| +0.0 [+0.0, +0.0], p = 1.000 |",
-        "| Δ DER − base | | best | -1.0 [-3.0, +0.0], p = 1.000 | +1.0 [+0.0, +3.0], p = 1.000 "
-        "| +0.0 [+0.0, +0.0], p = 1.000 |",
-        "| Δ DER − base | | last | -2.0 [-5.0, +0.0], p = 0.500 | +7.0 [+2.0, +12.0], p = 0.016 "
-        "| +10.0 [+0.0, +25.0], p = 0.500 |",
+        "| PGD-AT + DER | | Δ best − last | -2.0 [-6.2, +1.9], p = 0.500 (Holm 1.000) "
+        "| +3.0 [-1.0, +7.1], p = 0.250 (Holm 1.000) | +0.0 [-10.2, +10.2], p = 1.000 (Holm 1.000) |",
+        "| Δ DER − base | | best | -1.0 [-4.7, +2.5], p = 1.000 (Holm 1.000) "
+        "| +1.0 [-2.0, +4.1], p = 1.000 (Holm 1.000) | +0.0 [-10.2, +10.2], p = 1.000 (Holm 1.000) |",
+        "| Δ DER − base | | last | -2.0 [-6.3, +2.0], p = 0.500 (Holm 1.000) "
+        "| +7.0 [+1.6, +12.4], p = 0.016 (Holm 0.344) | +10.0 [-5.9, +24.9], p = 0.500 (Holm 1.000) |",
         "| TRADES (trades-run) | 0.1 | best | 82.0 [73.3, 88.3] | 69.0 [59.4, 77.2] | 65.0 [43.3, 81.9] |"]
     assert len(lines) == 2 + 2 * 8 + 2 and "†: AutoAttack's own checks raised warnings" in lines[-1]
+    assert "Holm-adjusted over the table's 24 Δ cells" in lines[-1]  # one family: both runs' 8 Δ rows × 3
     assert "†" not in report.co_table(METHODS, EVALS, FLAGS)  # no CO checkpoint warned
 
 

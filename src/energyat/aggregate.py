@@ -13,8 +13,9 @@ Pure functions over the JSON of `dvc exp show --json` (DVC 3.x: a list of baseli
 - Per metric key (metrics file + flattened key): numbers give n, mean, sample std and the Student-t 95 % interval
   of the mean over seeds (`stats.t_interval`); booleans give how many seeds were true.
 - Robust overfitting (multi-step runs of the experiments' `runs`, read from `metrics/eval/<run>.<variant>.json`):
-  the best − last gap per variant and the DER gain on the last checkpoint, paired across seeds (`stats.paired_t`),
-  and per seed on the same test images (exact McNemar from the per-example flags, where they are readable).
+  the best − last gap per variant and the DER gain on the last checkpoint, paired across seeds (`stats.paired_t`,
+  nan -> None when the differences have no spread; Holm-adjusted over the rows of the run's table), and per seed
+  on the same test images (exact McNemar from the per-example flags, where they are readable; unadjusted).
 """
 from __future__ import annotations
 
@@ -345,6 +346,9 @@ def robust_overfitting(g: Group, flags: dict[tuple[str, str, str], dict]) -> dic
         res["der_gain_last"] = {
             k: _paired([e[f"last.{k}"] for e in evals["base"]], [e[f"last.{k}"] for e in evals["der"]],
                        [(fl(m, "base", "last", k), fl(m, "der", "last", k)) for m in g.members]) for k in keys}
+        rows = [*res["gap"].values(), res["gap_change"], *res["der_gain_last"].values()]  # one table, one family
+        for row, p in zip(rows, stats.holm([r["paired_t_p"] for r in rows])):
+            row["paired_t_p_holm"] = p
         out[run] = res
     return out
 
@@ -383,13 +387,17 @@ def _ro_lines(run: str, ro: dict) -> list[str]:
     name = METHOD_NAMES.get(ro["method"], ro["method"])
     pgd = f"PGD-{ro['pgd'][3:-4]}"
     lines = [f"**Robust overfitting, run `{run}` ({name})**: percentage points, mean ± std over seeds [95 % "
-             "t-interval]; paired t-test across seeds; exact McNemar per seed on the same test images.", "",
+             "t-interval]; paired t-test across seeds (Holm-adjusted over this table's rows in brackets; n/a: the "
+             "differences do not vary over seeds); exact McNemar per seed on the same test images, unadjusted.", "",
              "| Quantity | mean ± std | 95 % CI | paired t p | McNemar p per seed |", "|---|---:|---:|---:|---|"]
 
     def row(label: str, d: dict) -> str:
         mc = ", ".join(_p(p) for p in d.get("mcnemar_p", [])) or "–"
+        t = stats.fmt_p(d["paired_t_p"])
+        if d.get("paired_t_p_holm") is not None:
+            t += f" (Holm {stats.fmt_p(d['paired_t_p_holm'])})"
         return (f"| {label} | {_pp(d['mean'])} ± {_pp(d['std']).lstrip('+')} | [{_pp(d['lo'])}, {_pp(d['hi'])}] "
-                f"| {_p(d['paired_t_p'])} | {mc} |")
+                f"| {t} | {mc} |")
 
     for v in VARIANTS:
         lines.append(row(f"best − last {pgd}, {'base' if v == 'base' else '+ DER'}", ro["gap"][v]))

@@ -4,8 +4,12 @@ Pure functions over what the stages wrote (metrics/eval, its per-example flags, 
 nothing expensive is recomputed. Keys: `standard.<metric>`, `co.<run>.<variant>.<metric>` (final checkpoint),
 `ro.<run>.<variant>.<checkpoint>.<metric>`, each accuracy with its Wilson 95 % interval (`<metric>_lo`,
 `<metric>_hi`) and `aa_warnings`; `*.der_gain.*` (DER minus base on the same images) and, for multi-step runs,
-`ro.<run>.<variant>.best_minus_last.*`, each difference with its paired-bootstrap 95 % interval (`_lo`, `_hi`)
-and exact McNemar p-value (`_p`); plus score.json's own keys.
+`ro.<run>.<variant>.best_minus_last.*`, each difference with Newcombe's paired 95 % interval (`_lo`, `_hi`), exact
+McNemar p-value (`_p`) and, for the differences the CO / RO table shows, that p Holm-adjusted over the table's
+Δ cells (`_p_holm`); plus score.json's own keys.
+
+The tables format each accuracy and its Wilson interval from the count in the flags file, not from the 4-decimal
+values of the evaluate JSON (rounding twice can move the printed digit).
 """
 from __future__ import annotations
 
@@ -36,13 +40,17 @@ def accuracies(eval_metrics: dict, checkpoint: str) -> dict[str, float]:
     return {m.group(1): v for k, v in eval_metrics.items() if (m := pattern.match(k))}
 
 
-def with_intervals(eval_metrics: dict, checkpoint: str) -> dict[str, float]:
-    """`accuracies` plus each one's Wilson interval (`<metric>_lo`, `<metric>_hi`) and `aa_warnings` when run."""
+def with_intervals(eval_metrics: dict, checkpoint: str, flag_file: dict | None = None) -> dict[str, float]:
+    """`accuracies` plus each one's Wilson interval (`<metric>_lo`, `<metric>_hi`) and `aa_warnings` when run. With
+    the evaluate `flag_file`, an accuracy that has flags and its interval are recomputed from the count, unrounded."""
     out = {}
     for metric, acc in accuracies(eval_metrics, checkpoint).items():
         out[metric] = acc
         out.update({f"{metric}{b}": eval_metrics[f"{checkpoint}.{metric}{b}"] for b in ("_lo", "_hi")
                     if f"{checkpoint}.{metric}{b}" in eval_metrics})
+        if flag_file and (f := _flags(flag_file, checkpoint, metric)):
+            out[metric] = sum(f) / len(f)
+            out[f"{metric}_lo"], out[f"{metric}_hi"] = stats.wilson(sum(f), len(f))
     if f"{checkpoint}.aa.warnings" in eval_metrics:
         out["aa_warnings"] = eval_metrics[f"{checkpoint}.aa.warnings"]
     return out
@@ -82,6 +90,8 @@ def _diff_keys(where: str, diffs: dict[str, dict]) -> dict:
     for metric, d in diffs.items():
         out.update({f"{where}.{metric}": round(d["diff"], 4), f"{where}.{metric}_lo": round(d["lo"], 4),
                     f"{where}.{metric}_hi": round(d["hi"], 4), f"{where}.{metric}_p": float(f"{d['p']:.4g}")})
+        if "p_holm" in d:
+            out[f"{where}.{metric}_p_holm"] = float(f"{d['p_holm']:.4g}")
     return out
 
 
@@ -89,11 +99,37 @@ def _checkpoints(fam: str, eval_metrics: dict) -> tuple[str, ...]:
     return (FINAL,) if fam == "co" else tuple(ck for ck in ("best", "last") if accuracies(eval_metrics, ck))
 
 
+def comparisons(methods: dict[str, str], evals: dict[tuple[str, str], dict], flags: dict[tuple[str, str], dict],
+                fam: str) -> dict[str, dict[str, dict]]:
+    """The paired differences of one family's runs, keyed by summary prefix (`co.<run>.der_gain`,
+    `ro.<run>.<variant>.best_minus_last`, `ro.<run>.der_gain.<checkpoint>`), per metric `paired`'s dict. Those the
+    family's table shows (clean, strongest PGD, AA) form one Holm family: each carries `p_holm`."""
+    runs, pgd = _family_runs(methods, evals, fam)
+    shown = ("clean_acc", pgd, "aa_acc")
+    out = {}
+    for run in runs:
+        checkpoints = _checkpoints(fam, evals[run, "base"])
+        if checkpoints == ("best", "last"):
+            for variant in VARIANTS:
+                metrics = list(dict.fromkeys([*accuracies(evals[run, variant], "last"), *shown]))
+                out[f"{fam}.{run}.{variant}.best_minus_last"] = paired(flags[run, variant], "last",
+                                                                       flags[run, variant], "best", metrics)
+        for ck in checkpoints:
+            metrics = list(dict.fromkeys([*accuracies(evals[run, "base"], ck), *shown]))
+            where = f"{fam}.{run}.der_gain" + ("" if fam == "co" else f".{ck}")
+            out[where] = paired(flags[run, "base"], ck, flags[run, "der"], ck, metrics)
+    family = [d for diffs in out.values() for metric, d in diffs.items() if metric in shown]
+    for d, p in zip(family, stats.holm([d["p"] for d in family])):
+        d["p_holm"] = p
+    return out
+
+
 def summary(methods: dict[str, str], evals: dict[tuple[str, str], dict], trains: dict[tuple[str, str], dict],
             flags: dict[tuple[str, str], dict], standard_eval: dict, score: dict | None = None) -> dict:
     """Flat summary. `methods`: run -> training method; `evals`/`trains`/`flags`: (run, variant) -> that stage's
     JSON (flags: the evaluate flags file)."""
     out = {"n_examples": standard_eval.get("n_examples"), "aa_examples": standard_eval.get("aa_examples")}
+    diffs = {**comparisons(methods, evals, flags, "co"), **comparisons(methods, evals, flags, "ro")}
     out.update({f"standard.{k}": v for k, v in with_intervals(standard_eval, FINAL).items()})
     for run, method in methods.items():
         fam = family(method)
@@ -104,16 +140,13 @@ def summary(methods: dict[str, str], evals: dict[tuple[str, str], dict], trains:
             for ck in checkpoints:
                 where = prefix if fam == "co" else f"{prefix}.{ck}"
                 out.update({f"{where}.{k}": v for k, v in with_intervals(evals[run, variant], ck).items()})
-            if fam == "ro" and checkpoints == ("best", "last"):
-                metrics = list(accuracies(evals[run, variant], "last"))
-                out.update(_diff_keys(f"{prefix}.best_minus_last",
-                                      paired(flags[run, variant], "last", flags[run, variant], "best", metrics)))
+            if f"{prefix}.best_minus_last" in diffs:
+                out.update(_diff_keys(f"{prefix}.best_minus_last", diffs[f"{prefix}.best_minus_last"]))
             train = trains.get((run, variant), {})
             out.update({f"{prefix}.{k}": train[k] for k in TRAIN_KEYS[fam] if k in train})
         for ck in checkpoints:
             where = f"{fam}.{run}.der_gain" if fam == "co" else f"{fam}.{run}.der_gain.{ck}"
-            metrics = list(accuracies(evals[run, "base"], ck))
-            out.update(_diff_keys(where, paired(flags[run, "base"], ck, flags[run, "der"], ck, metrics)))
+            out.update(_diff_keys(where, diffs[where]))
     out.update(score or {})
     return out
 
@@ -130,6 +163,11 @@ def _cell(acc: dict, metric: str) -> str:
 
 def _diff_cell(diffs: dict, metric: str) -> str:
     return stats.fmt_diff(diffs[metric]) if metric in diffs else "–"
+
+
+def _tests(diffs: dict[str, dict[str, dict]]) -> int:
+    """How many p-values a table's Holm family holds."""
+    return sum("p_holm" in d for ds in diffs.values() for d in ds.values())
 
 
 def _name(run: str, method: str) -> str:
@@ -152,13 +190,15 @@ def _first(evals: dict, runs: list[str], key: str):
     return next((evals[r, "base"].get(key) for r in runs), "?")
 
 
-def _footnote(evals: dict, runs: list[str], checkpoints: str, warned: bool) -> str:
-    """What the numbers are: sample sizes, intervals, the paired tests, the AutoAttack warning mark."""
+def _footnote(evals: dict, runs: list[str], checkpoints: str, warned: bool, tests: int) -> str:
+    """What the numbers are: sample sizes, intervals, the paired tests (`tests` p-values in the Holm family), the
+    AutoAttack warning mark."""
     n_aa, starts = _first(evals, runs, "aa_examples"), _first(evals, runs, "restarts")
     text = (f"\n\nAccuracy (%) with its Wilson 95 % interval: clean and PGD on the first {_first(evals, runs, 'n_examples')}"
             f" test images, " + (f"AA (standard AutoAttack) on the first {n_aa} of them" if n_aa else "AA not run")
             + f"; {checkpoints}; PGD with {starts} random start{'' if starts == 1 else 's'}. Differences (Δ rows) in "
-            "percentage points on the same images: paired-bootstrap 95 % interval and exact McNemar p-value.")
+            "percentage points on the same images: Newcombe's paired score 95 % interval and exact McNemar p-value, "
+            f"Holm-adjusted over the table's {tests} Δ cells in brackets.")
     if warned:
         text += (f" {WARNED}: AutoAttack's own checks raised warnings for this checkpoint (e.g. Square broke points "
                  "the gradient attacks missed: the number may overstate robustness); see "
@@ -171,18 +211,18 @@ def co_table(methods: dict[str, str], evals: dict[tuple[str, str], dict], flags:
     runs, pgd = _family_runs(methods, evals, "co")
     metrics = ("clean_acc", pgd, "aa_acc")
     lines = [f"| Method | ε | Clean | PGD-{pgd[3:-4]} | AA |", "|---|---:|---:|---:|---:|"]
-    warned = False
+    warned, diffs = False, comparisons(methods, evals, flags, "co")
     for run in runs:
         for variant in VARIANTS:
-            e, acc = evals[run, variant], with_intervals(evals[run, variant], FINAL)
+            e, acc = evals[run, variant], with_intervals(evals[run, variant], FINAL, flags[run, variant])
             warned = warned or bool(acc.get("aa_warnings"))
             lines.append(f"| {_label(run, methods[run], variant)} | {e.get('eps', 0):g} | "
                          + " | ".join(_cell(acc, m) for m in metrics) + " |")
-        diffs = paired(flags[run, "base"], FINAL, flags[run, "der"], FINAL, list(metrics))
-        lines.append("| Δ DER − base | | " + " | ".join(_diff_cell(diffs, m) for m in metrics) + " |")
+        lines.append("| Δ DER − base | | " + " | ".join(_diff_cell(diffs[f"co.{run}.der_gain"], m) for m in metrics)
+                     + " |")
     if not runs:
         lines.append("| (no single-step runs in params.yaml) | | | | |")
-    return "\n".join(lines) + _footnote(evals, runs, "final checkpoint", warned)
+    return "\n".join(lines) + _footnote(evals, runs, "final checkpoint", warned, _tests(diffs))
 
 
 def ro_table(methods: dict[str, str], evals: dict[tuple[str, str], dict], flags: dict[tuple[str, str], dict]) -> str:
@@ -191,27 +231,26 @@ def ro_table(methods: dict[str, str], evals: dict[tuple[str, str], dict], flags:
     runs, pgd = _family_runs(methods, evals, "ro")
     metrics = ("clean_acc", pgd, "aa_acc")
     lines = [f"| Method | ε | Checkpoint | Clean | PGD-{pgd[3:-4]} | AA |", "|---|---:|---|---:|---:|---:|"]
-    warned = False
+    warned, diffs = False, comparisons(methods, evals, flags, "ro")
     for run in runs:
         checkpoints = _checkpoints("ro", evals[run, "base"])
         for variant in VARIANTS:
             e, label = evals[run, variant], _label(run, methods[run], variant)
             for ck in checkpoints:
-                acc = with_intervals(e, ck)
+                acc = with_intervals(e, ck, flags[run, variant])
                 warned = warned or bool(acc.get("aa_warnings"))
                 lines.append(f"| {label} | {e.get('eps', 0):g} | {ck} | " + " | ".join(_cell(acc, m) for m in metrics)
                              + " |")
             if checkpoints == ("best", "last"):
-                diffs = paired(flags[run, variant], "last", flags[run, variant], "best", list(metrics))
-                lines.append(f"| {label} | | Δ best − last | " + " | ".join(_diff_cell(diffs, m) for m in metrics)
-                             + " |")
+                d = diffs[f"ro.{run}.{variant}.best_minus_last"]
+                lines.append(f"| {label} | | Δ best − last | " + " | ".join(_diff_cell(d, m) for m in metrics) + " |")
         for ck in checkpoints:
-            diffs = paired(flags[run, "base"], ck, flags[run, "der"], ck, list(metrics))
-            lines.append(f"| Δ DER − base | | {ck} | " + " | ".join(_diff_cell(diffs, m) for m in metrics) + " |")
+            d = diffs[f"ro.{run}.der_gain.{ck}"]
+            lines.append(f"| Δ DER − base | | {ck} | " + " | ".join(_diff_cell(d, m) for m in metrics) + " |")
     if not runs:
         lines.append("| (no multi-step runs in params.yaml) | | | | | |")
     return "\n".join(lines) + _footnote(
-        evals, runs, "best = epoch of highest validation PGD accuracy, last = final epoch", warned)
+        evals, runs, "best = epoch of highest validation PGD accuracy, last = final epoch", warned, _tests(diffs))
 
 
 def _num(v, fmt: str = "{:.3f}") -> str:
