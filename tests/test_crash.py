@@ -283,6 +283,11 @@ def test_killed_two_process_run_resumes_to_the_uninterrupted_result(workspace, c
     assert "corrupt" not in log and "afresh" not in log, log
     assert strays(work) == []
 
+    assert_close_to_reference(work, base, reference)
+
+
+def assert_close_to_reference(work: Path, base: Path, reference: dict) -> None:
+    """Two gloo ranks sum gradients in another order than one process: the history and weights within 1e-5."""
     got, want = outputs(work), reference
     assert got["history"][0] == want["history"][0] and len(got["history"]) == len(want["history"])
     for row, ref in zip(got["history"][1:], want["history"][1:]):  # printed to 6 digits: 1e-5 is one last digit
@@ -293,3 +298,28 @@ def test_killed_two_process_run_resumes_to_the_uninterrupted_result(workspace, c
         b = torch.load(base / "reference" / OUT / name, weights_only=True)
         for k in b:
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+
+
+def test_der_run_forked_from_the_base_run_on_two_ranks_or_killed_after_the_fork(workspace, capfd):
+    """The der run starts from the base run's state after epoch 2 (DER from epoch 3): every rank of a two-process
+    run resumes from it, and a kill just after the fork resumes to the bytes of the run from scratch."""
+    base, reference = workspace
+    fork_line = f"train {RUN}/{VARIANT}: starting from the base run's state after epoch 2 (fork)"
+    work = clone(base, "fork-two")
+    assert finish(start(work, "train", RUN, "base")) == 0
+    capfd.readouterr()
+    assert finish(train(work, nproc=2)) == 0
+    log = capfd.readouterr().err.splitlines()
+    assert log.count(fork_line) == 1, log
+    assert [line for line in log if line.startswith(f"train {RUN}/{VARIANT} epoch ")][0].startswith(
+        f"train {RUN}/{VARIANT} epoch 3/{EPOCHS}:")  # epochs 1-2 came from the snapshot
+    assert_close_to_reference(work, base, reference)
+
+    work = clone(base, "fork-killed")
+    shutil.copytree(base / "fork-two/.energyat", work / ".energyat")  # the cache, as a second checkout might have it
+    assert finish(train(work, fault=kill_at_step(1))) == KILLED  # the fork's state.pt is committed, then killed
+    assert fork_line in capfd.readouterr().err.splitlines()
+    assert finish(train(work)) == 0
+    log = capfd.readouterr().err.splitlines()
+    assert f"train {RUN}/{VARIANT}: resuming after epoch 2/{EPOCHS}" in log and fork_line not in log
+    assert outputs(work) == reference

@@ -25,11 +25,12 @@ from .. import checkpoint, distributed, imports
 from ..artifacts import digest, load_sealed, remove_temporaries, save_sealed, sha256, write_bytes, write_json, write_text
 from ..data import load_prepared
 from ..errors import UserError
-from ..params import Params, as_dict
+from ..params import MULTI_STEP, Params, RunCfg, as_dict
 from ..runtime import log, setup
 from ..train import HISTORY_COLUMNS, fit, summarize
 
 STATE = "state.pt"
+FORK_DIR = Path(".energyat/fork")  # git-ignored cache of pre-DER states (see the module docstring)
 
 
 def history_tsv(history: list[dict]) -> str:
@@ -51,6 +52,46 @@ def _code_digest() -> str:
     """A saved state is resumed only by the code that wrote it: the same params under changed training code
     restart. The files are this stage's import closure, the same set dvc.yaml lists as its deps."""
     return hashlib.sha256(b"".join(p.read_bytes() for p in imports.stage_closure("train"))).hexdigest()[:16]
+
+
+def _hash(obj: dict) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def fork_epoch(rc: RunCfg) -> int | None:
+    """The epoch after which the base run's state is where the der run's DER epochs begin: s - 1 for a multi-step
+    run with DER starting at s > 1; None when the two variants share no epoch (single-step DER acts from epoch 1)."""
+    if rc.train.method not in MULTI_STEP:
+        return None
+    s = rc.der.first_epoch(rc.train.epochs)
+    return s - 1 if s > 1 else None
+
+
+def _fork_path(rc: RunCfg, common: dict) -> Path | None:
+    """The snapshot file of this run's pre-DER prefix. Of the DER params the key holds only the start and gamma:
+    gamma sets the `der` diagnostic column that every epoch logs, DER on or not; the others act from epoch s on."""
+    at = fork_epoch(rc)
+    if at is None:
+        return None
+    return FORK_DIR / f"{_hash({**common, 'der': {'first_epoch': at + 1, 'gamma': rc.der.gamma}})}.pt"
+
+
+def _fork(out: Path, path: Path, epoch: int, config_hash: str, label: str) -> dict | None:
+    """Rank 0, a der run with no state of its own: the base run's snapshot committed as this run's state.pt (so
+    that every rank resumes from the same file, as from its own state); None when there is no usable snapshot."""
+    if not path.is_file():
+        return None
+    try:  # the key names the code and the epoch too: a sealed file under it is a snapshot of this prefix
+        snap = load_sealed(path)
+    except UserError as exc:
+        log(f"train {label}: {exc}; ignoring the fork snapshot, training from scratch")
+        return None
+    # no checkpoint files yet: before DER's start a der run has no best pair, and epoch s writes the last pair
+    state = {"config_hash": config_hash, **{k: snap[k] for k in ("epoch", "history", "model", "optimizer")},
+             "files": {}, "best_epoch": None}
+    save_sealed(out / STATE, state)
+    log(f"train {label}: starting from the base run's state after epoch {epoch} (fork)")
+    return state
 
 
 def _epoch_files(model_state: dict, tag: dict, is_best: bool) -> dict[str, bytes]:
@@ -105,12 +146,12 @@ def run(params: Params, run_name: str, variant: str) -> None:
     augmentation = params.data.augmentation()
 
     use_der = variant == "der"
-    config = {
-        "seed": params.seed, "model": as_dict(rc.model), "train": as_dict(rc.train),
-        "der": as_dict(rc.der) if use_der else None, "data": data_meta["files"], "device": device.type,
-        "augmentation": augmentation, "code": _code_digest(),
+    common = {
+        "seed": params.seed, "model": as_dict(rc.model), "train": as_dict(rc.train), "data": data_meta["files"],
+        "device": device.type, "augmentation": augmentation, "code": _code_digest(),
     }
-    config_hash = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    config_hash = _hash({**common, "der": as_dict(rc.der) if use_der else None})
+    fork_at, fork_path = fork_epoch(rc), _fork_path(rc, common)
     out = Path("models") / variant / run_name
     history_path = Path("plots/history") / f"{run_name}.{variant}.tsv"
     metrics_path = Path("metrics/train") / f"{run_name}.{variant}.json"
@@ -126,17 +167,19 @@ def run(params: Params, run_name: str, variant: str) -> None:
                 "val_pgd_acc": row["val_pgd_acc"], "der_on": bool(row["der_on"])}
 
     label = f"{run_name}/{variant}"
-    resume = None
+    resume = forked = None
     if main:
         for path in (history_path, metrics_path):
             remove_temporaries(path)
         resume = _restore(out, config_hash, tag_of, label)
         if resume is None and out.exists():
             shutil.rmtree(out)
+        if resume is None and use_der and fork_path is not None:
+            resume = forked = _fork(out, fork_path, fork_at, config_hash, label)
     distributed.barrier()  # the other ranks read the state only once rank 0 has checked (or cleared) the folder
     if not main and (out / STATE).is_file():
         resume = load_sealed(out / STATE)
-    if resume is not None:
+    if resume is not None and forked is None:
         log(f"train {label}: resuming after epoch {resume['epoch']}/{rc.train.epochs}")
     # what the next state.pt records beside the weights: the checkpoint files' sha256 and the best epoch so far
     saved = {"files": dict(resume["files"]) if resume else {}, "best_epoch": resume["best_epoch"] if resume else None}
@@ -156,6 +199,11 @@ def run(params: Params, run_name: str, variant: str) -> None:
         for name, data in files.items():
             write_bytes(out / name, data)
         write_text(history_path, history_tsv(s["history"]))
+        if not use_der and row["epoch"] == fork_at:
+            try:  # a cache: failing to fill it must not fail the run
+                save_sealed(fork_path, {"epoch": row["epoch"], **{k: s[k] for k in ("history", "model", "optimizer")}})
+            except UserError as exc:
+                log(f"train {label}: no fork snapshot for the der run ({exc})")
         log(f"train {label} epoch {row['epoch']}/{rc.train.epochs}: "
             f"val clean {row['val_clean_acc']:.3f} pgd {row['val_pgd_acc']:.3f} "
             f"aae {row['aae_frac']:.3f} dE(x) {row['dE_x']:.3f} ({row['seconds']:.0f}s)")
