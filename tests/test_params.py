@@ -1,5 +1,6 @@
 """params.yaml validation: one line naming key, value and what is allowed; YAML 1.2 floats; run overrides."""
 import copy
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -141,6 +142,28 @@ def test_presets_name_every_param_dvc_tracks(preset):
         for key in path.split("."):
             assert isinstance(node, dict) and key in node, f"{preset} lacks {path}, which dvc.yaml tracks"
             node = node[key]
+
+
+def _dvc_interpolations() -> set[str]:
+    """Every `${...}` dvc.yaml reads from params (cmd, foreach, matrix, deps, outs), loop variables aside."""
+    refs = set(re.findall(r"\$\{\s*([^}\s]+)\s*\}", (ROOT / "dvc.yaml").read_text()))
+    return {r for r in refs if r.split(".")[0] not in ("key", "item")}
+
+
+@pytest.mark.parametrize("preset", ["params.yaml", *sorted(f"presets/{p.name}" for p in (ROOT / "presets").glob("*.yaml"))])
+def test_every_dvc_interpolation_resolves_against_every_preset(preset):
+    """DVC resolves `${distributed.nproc}` & co. before it runs anything: a preset lacking one fails `dvc repro`
+    at parse time ("Could not find 'distributed.nproc'"), although the typed loader would fill in its default."""
+    raw = yaml.safe_load((ROOT / preset).read_text())
+    refs = _dvc_interpolations()
+    assert {"distributed.nproc", "runs", "sample.samplers", "sample.run"} <= refs
+    for ref in sorted(refs):
+        node = raw
+        for key in ref.split("."):
+            assert isinstance(node, dict) and key in node, f"{preset} lacks {ref}, which dvc.yaml interpolates"
+            node = node[key]
+        if ref in ("runs", "sample.samplers"):  # foreach / matrix over them
+            assert isinstance(node, dict) and node, f"{preset}: {ref} must be a non-empty mapping"
 
 
 def test_paper_preset_resolves_to_the_published_recipe():
