@@ -12,7 +12,7 @@ from energyat import imports
 from energyat.cli import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
-CMD = re.compile(r"^python -m energyat (?:--nproc \S+ )?(\w+)")
+CMD = re.compile(r"^python -m energyat (?:--nproc \S+ )?([\w-]+)")
 
 
 def dvc_stages() -> dict[str, dict]:

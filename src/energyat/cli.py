@@ -30,7 +30,10 @@ STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "report": ("report", ()),
     "bench": ("bench", ()),
     "aggregate": ("aggregate", ("names...", "--co-study")),  # not a dvc.yaml stage: reads `dvc exp show`
+    "block": ("block", ()),
+    "paper-report": ("paper_report", ()),  # docs/paper.md from the committed block evidence  # not a dvc.yaml stage: the paper's setting in GPU-window blocks (own arguments)
 }
+OWN_ARGUMENTS = ("block",)  # stages that declare their own arguments (add_arguments) and read no params.yaml
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,8 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nproc", type=int, default=None,
                         help=f"ranks for {', '.join(DISTRIBUTED)} (default: params distributed.nproc)")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="stage")
-    for name, (_, args) in STAGES.items():
+    for name, (module_name, args) in STAGES.items():
         p = sub.add_parser(name)
+        if name in OWN_ARGUMENTS:
+            importlib.import_module(f"energyat.stages.{module_name}").add_arguments(p)
         for arg in args:  # "name...": zero or more values; "--flag": an on/off switch
             kind = {"nargs": "*"} if arg.endswith("...") else {"action": "store_true"} if arg.startswith("--") else {}
             p.add_argument(arg.rstrip("."), **kind)
@@ -54,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     if launched_here:
         _die_with_launcher()
     try:
+        if ns.stage in OWN_ARGUMENTS:  # these build their params themselves (a block: preset + its overrides)
+            module = importlib.import_module(f"energyat.stages.{STAGES[ns.stage][0]}")
+            module.run(None, ns)
+            return 0
         params = params_mod.load(ns.params)
         nproc = params.distributed.nproc if ns.nproc is None else ns.nproc
         if ns.stage in DISTRIBUTED and not distributed.launched():
