@@ -31,6 +31,13 @@ gpu-wheels:
 	python3 -m pip download -q --no-deps --only-binary=:all: -d .cache/gpu-wheels \
 		$(shell grep -oE '"(torch-fidelity|pyautoattack)==[^"]+"' pyproject.toml | tr -d '"')
 
+# The paper's CIFAR-10 setting (presets/paper.yaml) as the DVC experiment `paper`: `dvc exp run -S ...` with the
+# preset's values, leaving params.yaml as it is (a CUDA machine; see docs/paper.md for the block-by-block route).
+# ARGS is passed on, e.g. ARGS='--dry' or ARGS='--exp-args=--queue'.
+.PHONY: paper
+paper: install
+	python -m energyat preset presets/paper.yaml $(ARGS)
+
 # Seeds pooled from the DVC experiments into metrics/seeds.{md,json} (README "Seeds and intervals");
 # ARGS is passed on: experiment names or globs to pool, or --co-study for metrics/co_study.{md,json}.
 .PHONY: aggregate

@@ -31,9 +31,10 @@ STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "bench": ("bench", ()),
     "aggregate": ("aggregate", ("names...", "--co-study")),  # not a dvc.yaml stage: reads `dvc exp show`
     "block": ("block", ()),
-    "paper-report": ("paper_report", ()),  # docs/paper.md from the committed block evidence  # not a dvc.yaml stage: the paper's setting in GPU-window blocks (own arguments)
+    "paper-report": ("paper_report", ()),
+    "preset": ("preset", ()),  # not a dvc.yaml stage: `dvc exp run -S ...` with a preset's values  # docs/paper.md from the committed block evidence  # not a dvc.yaml stage: the paper's setting in GPU-window blocks (own arguments)
 }
-OWN_ARGUMENTS = ("block",)  # stages that declare their own arguments (add_arguments) and read no params.yaml
+OWN_ARGUMENTS = ("block", "preset")  # stages that declare their own arguments (add_arguments) and read no params.yaml
 
 
 def main(argv: list[str] | None = None) -> int:
