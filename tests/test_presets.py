@@ -51,8 +51,8 @@ def test_dvc_parses_the_pipeline_with_every_preset(preset, tmp_path):
     shutil.copyfile(ROOT / "presets" / preset, tmp_path / "params.yaml")
     dvc = [sys.executable, "-m", "dvc"]
     subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
-    proc = subprocess.run([*dvc, "stage", "list", "--all"], cwd=tmp_path, capture_output=True, text=True)
+    proc = subprocess.run([*dvc, "dag", "--md"], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     runs = yaml.safe_load((tmp_path / "params.yaml").read_text())["runs"]
     for run in runs:
-        assert f"train@{run}" in proc.stdout and f"evaluate@{run}-der" in proc.stdout
+        assert f"train@{run}" in proc.stdout and f"train-der@{run}" in proc.stdout
