@@ -17,6 +17,12 @@ EPS16, EPS8 = 16 / 255, 8 / 255
 # projection and N-FGSM noise 2 eps, alpha eps, no projection (methods.py).
 FAST_AT = {"epochs": 30, "lr_schedule": "cyclic", "lr_max": 0.2}
 SINGLE_STEP_DER = {"lambda": 1.0, "gamma": 0.0}  # not published for single-step runs: ours (co16-lambda tunes it)
+# Training throughput of our step on one H200 (bf16 + CUDA graphs, batch 128; metrics/gpu_check.json), img/s,
+# base and with DER: the prior for a job's cost before a block has measured one of its own.
+IMG_PER_S = {"fgsm": (23786, 17762), "rs-fgsm": (23478, 15309), "n-fgsm": (23504, 15307),
+             "gradalign": (3638, 3459), "pgd": (5160, 4607), "trades": (4221, 4210)}
+EVAL_SECONDS = 100.0  # per evaluated checkpoint of a robust model: PGD-50 x 10 on 2,000, AutoAttack on 500 (measured)
+OVERHEAD = 1.3  # measured: per-epoch validation, graph capture and data loading on top of the training steps
 CO_EVAL = {"checkpoints": ["last"], "n_examples": 2000, "aa_examples": 500, "pgd_steps": [50], "restarts": 10}
 
 
@@ -49,11 +55,33 @@ BLOCKS: dict[str, Block] = {
         variants=("der",)),
     "ro": Block(
         "robust overfitting: PGD-10 AT at 8/255 (alpha 2/255), piecewise LR (x0.1 at 50 % and 75 %), 30 epochs "
-        "(what fits one window); DER (lambda 6, gamma 0.2, the paper's Table III) from the first LR drop",
+        "(a job is up to ~10 min on one H200); DER (lambda 6, gamma 0.2, the paper's Table III) from the first LR drop",
         {"pgd": {"method": "pgd", "eps": EPS8, "steps": 10, "epochs": 30, "lr_schedule": "piecewise",
                  "lr_max": 0.1, "der": {"lambda": 6.0, "gamma": 0.2, "start_epoch": -15}}},
         evaluate={**CO_EVAL, "checkpoints": ["best", "last"]}),
 }
+
+
+def job_seconds(method: str, variant: str, epochs: int, der_epochs: int, n_train: int, n_checkpoints: int) -> float:
+    """A job's expected seconds on one H200: a late-DER run forks from its base run, so it trains its DER epochs only."""
+    base, der = IMG_PER_S.get(method, (1000, 1000))
+    steps = epochs * n_train / base if variant == "base" else der_epochs * n_train / der
+    return OVERHEAD * steps + EVAL_SECONDS * n_checkpoints
+
+
+def block_seconds(name: str, n_train: int = 49_000, jobs: list[str] | None = None) -> float:
+    """The expected seconds of a block (one seed; only `jobs`, "<run>.<variant>", where given) on one H200."""
+    block = BLOCKS[name]
+    total = 0.0
+    for run, variant in block.jobs():
+        if jobs is not None and f"{run}.{variant}" not in jobs:
+            continue
+        r = block.runs[run]
+        epochs = r.get("epochs", 30)
+        start = r.get("der", {}).get("start_epoch", 1)
+        der_epochs = epochs if r["method"] not in ("pgd", "trades") else (-start if start < 0 else epochs - start + 1)
+        total += job_seconds(r["method"], variant, epochs, der_epochs, n_train, len(block.evaluate["checkpoints"]))
+    return total
 
 
 def names() -> list[str]:

@@ -163,6 +163,23 @@ def co_verdict(evidence: dict) -> str:
             f"collapsing base runs ({detail})")
 
 
+def gpu_time(evidence: dict) -> list[str]:
+    """Measured seconds of every job beside the cost model's expectation, and the cost of every block once."""
+    lines = ["## GPU time", "", "| Block | Seed | Job | Device | Train (s) | Evaluate (s) | Expected (s) |",
+             "|---|---|---|---|---:|---:|---:|"]
+    for block, seeds in evidence.items():
+        for seed, ev in sorted(seeds.items()):
+            for job, rec in ev["block"].get("jobs", {}).items():
+                if rec.get("status") == "done":
+                    expected = paper_blocks.block_seconds(block, jobs=[job])
+                    lines.append(f"| {block} | {seed} | {job} | {ev['block'].get('device', '')} | "
+                                 f"{rec['train_seconds']:.0f} | {rec['eval_seconds']:.0f} | {expected:.0f} |")
+    total = sum(paper_blocks.block_seconds(b) for b in paper_blocks.BLOCKS)
+    lines += ["", f"Every block once (one seed), expected: ~{total / 60:.0f} min on one H200 "
+                  "(`paper_blocks.block_seconds`, from the measured training throughput).", ""]
+    return lines
+
+
 def page(evidence: dict) -> str:
     diffs = comparisons(evidence)
     run_blocks = [b for b in paper_blocks.BLOCKS if b in evidence]
@@ -200,9 +217,11 @@ def page(evidence: dict) -> str:
     ]
     for block in run_blocks:
         lines += block_section(block, evidence[block], diffs)
+    lines += gpu_time(evidence)
     missing = [b for b in paper_blocks.BLOCKS if b not in evidence]
     if missing:
         lines += ["## Not run yet", ""]
-        lines += [f"- `{b}`: {paper_blocks.BLOCKS[b].about}" for b in missing]
+        lines += [f"- `{b}` (~{paper_blocks.block_seconds(b) / 60:.0f} min on one H200): {paper_blocks.BLOCKS[b].about}"
+                  for b in missing]
         lines += [""]
     return "\n".join(lines)

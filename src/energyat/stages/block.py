@@ -28,14 +28,9 @@ import yaml
 from .. import paper_blocks
 from ..artifacts import atomic_path, read_json, write_json, write_text
 from ..errors import UserError
-from ..params import parse
+from ..params import MULTI_STEP, parse
 from ..runtime import log
 
-# Training throughput of our step on one H200 (bf16 + CUDA graphs, batch 128; metrics/gpu_check.json), img/s,
-# base and with DER: the prior for a job's cost before the block has measured one of its own.
-IMG_PER_S = {"fgsm": (23786, 17762), "rs-fgsm": (23478, 15309), "n-fgsm": (23504, 15307),
-             "gradalign": (3638, 3459), "pgd": (5160, 4607), "trades": (4221, 4210)}
-EVAL_SECONDS = 60.0  # prior per evaluated checkpoint (PGD-50 x 10 restarts on 2,000, AutoAttack on 500)
 EVIDENCE = {  # scratch file -> evidence suffix
     "metrics/train/{job}.json": "train.json", "plots/history/{job}.tsv": "history.tsv",
     "metrics/eval/{job}.json": "eval.json", "metrics/eval/{job}.flags.json": "flags.json",
@@ -63,8 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _prior_seconds(rc, variant: str, n_train: int, n_checkpoints: int, tiny: bool) -> float:
     if tiny:
         return 5.0
-    base, der = IMG_PER_S.get(rc.train.method, (1000, 1000))
-    return rc.train.epochs * n_train / (der if variant == "der" else base) + EVAL_SECONDS * n_checkpoints
+    late = rc.train.method in MULTI_STEP  # single-step DER acts from the first epoch
+    der_epochs = rc.train.epochs - rc.der.first_epoch(rc.train.epochs) + 1 if late else rc.train.epochs
+    return paper_blocks.job_seconds(rc.train.method, variant, rc.train.epochs, der_epochs, n_train, n_checkpoints)
 
 
 @contextmanager
