@@ -18,7 +18,7 @@ test: install data-source inception-if-possible
 bench: install data-source
 	python -m energyat bench
 
-# The GPU check (scripts/gpu_check.py, README "GPU check"): the paper's recipe shortened, on one CUDA GPU, with the
+# The GPU check (scripts/gpu_check.py, docs/performance.md): the paper's recipe shortened, on one CUDA GPU, with the
 # machine's own python3 and torch (no venv, no dvc). ARGS is passed on, e.g. ARGS="--data <cifar10 .tar.gz>", or
 # ARGS="--device cpu --tiny --data <...>" for the CPU dry run.
 .PHONY: gpu-check gpu-wheels
@@ -38,7 +38,7 @@ gpu-wheels:
 paper: install
 	python -m energyat preset presets/paper.yaml $(ARGS)
 
-# Seeds pooled from the DVC experiments into metrics/seeds.{md,json} (README "Seeds and intervals");
+# Seeds pooled from the DVC experiments into metrics/seeds.{md,json} (docs/experiments.md);
 # ARGS is passed on: experiment names or globs to pool, or --co-study for metrics/co_study.{md,json}.
 .PHONY: aggregate
 aggregate: install

@@ -11,7 +11,7 @@ Requirements (nothing is installed, created or downloaded here):
 - PYTHONPATH=src (scripts/gpu-check sets it);
 - CIFAR-10 (--data): a torchvision root holding cifar-10-batches-py (default data/downloads, where the cifar10
   pipeline downloads it), or an image-folder tree or .tar.gz of train/<class>/ and test/<class>/ images, such as
-  the JPEG copy ../shared/datasets/cifar10-jpeg.tar.gz (a development stand-in: its accuracies are not CIFAR-10's);
+  a JPEG copy of CIFAR-10 (a development stand-in: its accuracies are not CIFAR-10's);
 - Inception FID only where the Inception file is in the torch hub cache (`make inception`); otherwise FID is
   computed on the features of the check's own `standard` model and labelled so.
 
@@ -52,7 +52,7 @@ from energyat.methods import METHODS
 from energyat.runtime import log, setup
 from energyat.stages import bench
 
-TARGETS = {  # issue 10, for one H100
+TARGETS = {  # the targets of the GPU path, for one H100
     "pgd_img_per_s_min": 1300, "pgd_speedup_vs_plain_min": 2.0, "der_cost_max": 1.15,
     "ratio_vs_reference_min": bench.TARGET, "total_seconds_max": 480,
 }
@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.data.exists():
             raise UserError(f"--data: {args.data}: not found; give a CIFAR-10 torchvision root or an image-folder "
-                            "tree/.tar.gz (e.g. ../shared/datasets/cifar10-jpeg.tar.gz)")
+                            "tree/.tar.gz (e.g. a JPEG copy of CIFAR-10)")
         result = check(args, lambda partial: write_json(out_path, rounded(partial)))
     except UserError as exc:
         print(f"gpu-check: error: {exc}", file=sys.stderr)

@@ -1,9 +1,9 @@
-"""Sanity figures of Inception FID (README "Inception FID"): CIFAR-10 against other CIFAR-10 images (small) and
+"""Sanity figures of Inception FID (docs/inception-fid.md): CIFAR-10 against other CIFAR-10 images (small) and
 against Fashion-MNIST (large), and what the Inception pass costs per 1,000 images on this machine.
 
 n random CIFAR-10 training images are the reference; n random CIFAR-10 test images and n random Fashion-MNIST
 test images (grey, repeated to RGB) are scored against it through `fidelity.Scorer`, as the score stage does.
-Reads the JPEG CIFAR-10 copy (../shared/datasets/cifar10-jpeg.tar.gz) and Debian's Fashion-MNIST files; needs
+Reads a CIFAR-10 class-folder .tar.gz (--cifar; e.g. the JPEG copy) and Debian's Fashion-MNIST files; needs
 `make inception`. Prints one JSON object. Usage:
 
     python scripts/inception_sanity.py [--n 2000] [--threads 2] [--cifar PATH] [--fashion DIR]
@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=200)
-    ap.add_argument("--cifar", default="../shared/datasets/cifar10-jpeg.tar.gz")
+    ap.add_argument("--cifar", required=True, help="CIFAR-10 as a class-folder tree or .tar.gz")
     ap.add_argument("--fashion", default=str(data.DEBIAN_FASHION_MNIST))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

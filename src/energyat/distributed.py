@@ -1,4 +1,4 @@
-"""Data parallelism through PyTorch's own engine (DESIGN.md §7): `torch.distributed`, launched by torchrun.
+"""Data parallelism through PyTorch's own engine (docs/design.md §7): `torch.distributed`, launched by torchrun.
 
 One process is the special case world = 1: no process group, every helper below degenerates to the identity.
 Under torchrun (or `python -m energyat --nproc N`, which starts torchrun's launcher itself) every rank runs the

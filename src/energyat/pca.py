@@ -1,4 +1,4 @@
-"""Class-wise PCA of images (DESIGN.md §1): the start points of PCA-initialised SGLD.
+"""Class-wise PCA of images (docs/design.md §1): the start points of PCA-initialised SGLD.
 
 A fit is a plain dict of tensors (storable with weights_only loading):
 `mean` (D,), `components` U (r, D) with orthonormal rows, `singular_values` s (r,) of the centred

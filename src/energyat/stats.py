@@ -1,4 +1,4 @@
-"""Statistics a reader can trust (DESIGN.md §7): pure functions over counts and per-example flags.
+"""Statistics a reader can trust (docs/design.md §7): pure functions over counts and per-example flags.
 
 - an accuracy is a count over a fixed set of test images: Wilson 95 % score interval, formatted from the count
   itself (a bound rounded once for storage and again for print can land on the wrong side of a digit);

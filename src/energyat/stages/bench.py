@@ -38,7 +38,7 @@ GEOMETRY = {  # dataset -> (channels, size, classes) of its images; timings do n
     "fashion-mnist": (1, 28, 10), "cifar10": (3, 32, 10), "cifar100": (3, 32, 100), "svhn": (3, 32, 10),
     "image-folder": (3, 32, 10),
 }
-TARGET = 0.9  # issue 10: every method with diagnostics on at >= 0.9x its reference loop
+TARGET = 0.9  # every method with diagnostics on at >= 0.9x its reference loop
 LR = 0.01  # a small constant step: random labels must not drive the weights to overflow during the timing
 
 # ------------------------------------------------------------------------------------------ reference loops
