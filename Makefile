@@ -47,8 +47,8 @@ aggregate: install
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
-	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || \
-		{ echo "energyat needs Python 3.11 (torch 2.14.1 wheels); set PYTHON=python3.11" >&2; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 13))' || \
+		{ echo "energyat needs Python 3.11-3.13 (the pinned torch's wheels); set PYTHON=python3.11 (or 3.12, 3.13)" >&2; exit 1; }
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --disable-pip-version-check -q -e '.[test]'
 	touch $@
