@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -121,10 +122,28 @@ def save_figure(path: str | Path, fig) -> None:
         fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight")
 
 
+# which `dvc repro` target makes a stage input (paths relative to the pipeline's root)
+MAKERS = ((r"data/prepared", "prepare"), (r"models/base/standard", "train-standard"),
+          (r"models/base/([^/]+)", r"train@\1"), (r"models/der/([^/]+)", r"train-der@\1"), (r"data/pca", "pca"),
+          (r"data/samples/([^/]+)", r"sample@\1"), (r"metrics/eval/standard\.", "evaluate-standard"),
+          (r"metrics/eval/([^/]+)\.(base|der)\.", r"evaluate@\1-\2"), (r"metrics/train/standard\.", "train-standard"),
+          (r"metrics/train/([^/]+)\.base\.", r"train@\1"), (r"metrics/train/([^/]+)\.der\.", r"train-der@\1"),
+          (r"metrics/score\.json", "score"), (r"metrics/sample/([^/.]+)", r"sample@\1"))
+
+
+def missing(path: str | Path) -> UserError:
+    """The error for a missing stage input, naming the command that makes it."""
+    rel = Path(path).as_posix()
+    for pattern, target in MAKERS:
+        if m := re.match(pattern, rel):
+            return UserError(f"{path}: file not found; make it first with `dvc repro {m.expand(target)}`")
+    return UserError(f"{path}: file not found (run the stage that makes it first)")
+
+
 def read_json(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: file not found (run the stage that makes it first)")
+        raise missing(path)
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -135,7 +154,7 @@ def load_torch(path: str | Path) -> Any:
     """torch.load with weights_only=True (safe on untrusted files); a missing or corrupt file is a UserError."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: file not found (run the stage that makes it first)")
+        raise missing(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, pickle with forbidden globals, ...

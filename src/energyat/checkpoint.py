@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from .artifacts import digest, json_text, load_torch, read_json, sha256, torch_bytes, write_bytes
+from .artifacts import digest, json_text, load_torch, missing, read_json, sha256, torch_bytes, write_bytes
 from .errors import UserError
 from .models import build_model, init_lazy
 from .params import ModelCfg
@@ -61,7 +61,7 @@ def load(path: str | Path, expect: dict[str, Any] | None = None) -> tuple[nn.Mod
         if got != want:
             raise UserError(f"{path}: checkpoint has {key}={got!r}, expected {want!r} (retrain, or fix params)")
     if not path.is_file():
-        raise UserError(f"{path}: file not found (run the stage that makes it first)")
+        raise missing(path)
     if meta.get("sha256") and sha256(path) != meta["sha256"]:
         raise UserError(f"{path}: checksum differs from its sidecar {path.with_suffix('.json').name} (truncated or replaced)")
     state = load_torch(path)

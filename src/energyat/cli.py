@@ -18,38 +18,47 @@ from .errors import UserError
 DISTRIBUTED = ("train", "evaluate", "analyze", "sample")
 LAUNCHED = "ENERGYAT_LAUNCHED"  # set for the ranks our launcher starts: they leave the error line to it
 
-# stage name -> (module under energyat.stages, positional argument names)
-STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "prepare": ("prepare", ()),
-    "train": ("train", ("run", "variant")),
-    "evaluate": ("evaluate", ("run", "variant")),
-    "analyze": ("analyze", ()),
-    "pca": ("pca", ()),
-    "sample": ("sample", ("sampler",)),
-    "score": ("score", ()),
-    "report": ("report", ()),
-    "bench": ("bench", ()),
-    "aggregate": ("aggregate", ("names...", "--co-study")),  # not a dvc.yaml stage: reads `dvc exp show`
-    "block": ("block", ()),
-    "paper-report": ("paper_report", ()),
-    "preset": ("preset", ()),  # not a dvc.yaml stage: `dvc exp run -S ...` with a preset's values  # docs/paper.md from the committed block evidence  # not a dvc.yaml stage: the paper's setting in GPU-window blocks (own arguments)
+# stage name -> (module under energyat.stages, argument names, one line for --help)
+STAGES: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "prepare": ("prepare", (), "dataset -> data/prepared (train/val/test tensors, checksums)"),
+    "train": ("train", ("run", "variant"), "train one run without (base) or with (der) DER, resumable per epoch"),
+    "evaluate": ("evaluate", ("run", "variant"), "clean, PGD-k (restarts) and AutoAttack accuracy of a run's checkpoints"),
+    "analyze": ("analyze", (), "energies of natural vs adversarial test images, per attack"),
+    "pca": ("pca", (), "class-wise global and local PCA of the training images"),
+    "sample": ("sample", ("sampler",), "SGLD samples from the base and DER models with one sampler"),
+    "score": ("score", (), "IS / FID / diversity of the samples"),
+    "report": ("report", (), "summary metrics and the CO / RO / training tables"),
+    "paper-report": ("paper_report", (), "docs/paper.md from the paper-setting evidence in metrics/paper/"),
+    "bench": ("bench", (), "training and AutoAttack speed -> metrics/bench.json (not a dvc.yaml stage)"),
+    "aggregate": ("aggregate", ("names...", "--co-study"),
+                  "pool seeds from DVC experiments -> metrics/seeds.* or co_study.* (not a dvc.yaml stage)"),
+    "block": ("block", (), "the paper's setting in GPU-window blocks (not a dvc.yaml stage; own arguments)"),
+    "preset": ("preset", (), "run a preset as the DVC experiment `dvc exp run -S ...` (not a dvc.yaml stage)"),
 }
+ARGUMENTS = {  # positional argument -> add_argument options
+    "run": {"help": "a run of params.yaml `runs`, or standard"},
+    "variant": {"choices": ("base", "der"), "help": "base: without DER; der: with DER"},
+    "sampler": {"help": "a sampler of params.yaml `sample.samplers`"},
+    "names...": {"nargs": "*", "help": "experiment names or globs to pool (default: all)"},
+    "--co-study": {"action": "store_true", "help": "write metrics/co_study.{md,json} instead of metrics/seeds.*"},
+}
+EPILOG = """Every stage reads params.yaml (--params). Environment: ENERGYAT_PROGRESS=1 shows progress bars when stderr is
+not a terminal (they are on at a terminal; DVC and CI logs get one line per epoch with an ETA instead)."""
 OWN_ARGUMENTS = ("block", "preset")  # stages that declare their own arguments (add_arguments) and read no params.yaml
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="energyat", description=__doc__)
+    parser = argparse.ArgumentParser(prog="energyat", description=__doc__.split("\n\n")[0], epilog=EPILOG)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--nproc", type=int, default=None,
                         help=f"ranks for {', '.join(DISTRIBUTED)} (default: params distributed.nproc)")
-    sub = parser.add_subparsers(dest="stage", required=True, metavar="stage")
-    for name, (module_name, args) in STAGES.items():
-        p = sub.add_parser(name)
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="stage", title="stages")
+    for name, (module_name, args, about) in STAGES.items():
+        p = sub.add_parser(name, help=about, description=about)
         if name in OWN_ARGUMENTS:
             importlib.import_module(f"energyat.stages.{module_name}").add_arguments(p)
-        for arg in args:  # "name...": zero or more values; "--flag": an on/off switch
-            kind = {"nargs": "*"} if arg.endswith("...") else {"action": "store_true"} if arg.startswith("--") else {}
-            p.add_argument(arg.rstrip("."), **kind)
+        for arg in args:
+            p.add_argument(arg.rstrip("."), **ARGUMENTS[arg])
     argv = sys.argv[1:] if argv is None else argv
     ns = parser.parse_args(argv)
     from . import distributed

@@ -44,6 +44,17 @@ def history_tsv(history: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _fmt(v: float) -> str:
+    return "–" if math.isnan(v) else f"{v:.3f}"
+
+
+def _eta(history: list[dict], rc) -> str:
+    """Time left at the pace of the last five epochs."""
+    timed = [r["seconds"] for r in history if r["seconds"] > 0][-5:]
+    left = (rc.train.epochs - history[-1]["epoch"]) * (sum(timed) / len(timed) if timed else 0.0)
+    return f"{int(left // 60)}m{int(left % 60):02d}s"
+
+
 def _json_safe(d: dict) -> dict:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
 
@@ -206,7 +217,7 @@ def run(params: Params, run_name: str, variant: str) -> None:
                 log(f"train {label}: no fork snapshot for the der run ({exc})")
         log(f"train {label} epoch {row['epoch']}/{rc.train.epochs}: "
             f"val clean {row['val_clean_acc']:.3f} pgd {row['val_pgd_acc']:.3f} "
-            f"aae {row['aae_frac']:.3f} dE(x) {row['dE_x']:.3f} ({row['seconds']:.0f}s)")
+            f"aae {_fmt(row['aae_frac'])} dE(x) {_fmt(row['dE_x'])} ({row['seconds']:.0f}s, eta {_eta(s['history'], rc)})")
 
     history = fit(model, splits["train"], splits["val"], rc, use_der, device, params.seed, resume, on_epoch_end,
                   augmentation=augmentation, cuda_graphs=params.cuda_graphs)
@@ -218,4 +229,4 @@ def run(params: Params, run_name: str, variant: str) -> None:
     write_json(metrics_path, _json_safe({"run": run_name, "variant": variant, "method": rc.train.method,
                                          "eps": rc.train.eps, **summary}))
     log(f"train {label}: done; best epoch {summary['best_epoch']} "
-        f"(val pgd {summary['best_val_pgd_acc']}), CO {summary['catastrophic_overfitting']}")
+        f"(val pgd {summary['best_val_pgd_acc']:.3f}), CO {summary['catastrophic_overfitting']}")
