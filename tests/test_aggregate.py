@@ -116,6 +116,28 @@ def test_execution_settings_pool_but_another_device_type_does_not():
         aggregate.pool(aggregate.select(found, ["gpu0", "cpu"]))
 
 
+def test_device_auto_never_pools_with_an_explicit_device():
+    """auto ran on the CPU (fp32) or CUDA (bf16), and nothing an experiment records says which: it never pools with
+    cpu or cuda, and says why (an experiment without the param counts as auto, its default)."""
+    found, _ = aggregate.experiments(show(experiments=[
+        exp("auto0", "1" * 40, {**params(0), "device": "auto"}, train_metrics(0.5)),
+        exp("auto1", "2" * 40, {**params(1), "device": "auto"}, train_metrics(0.6)),
+        exp("cpu2", "3" * 40, {**params(2), "device": "cpu"}, train_metrics(0.7)),
+        exp("cpu3", "4" * 40, {**params(3), "device": "cpu"}, train_metrics(0.8)),
+        exp("gpu4", "5" * 40, {**params(4), "device": "cuda:1"}, train_metrics(0.9)),
+        exp("unset5", "6" * 40, params(5), train_metrics(0.4)),
+    ]), head=None)
+    groups, notes = aggregate.group(found)
+    assert [[m.name for m in g.members] for g in groups] == [["auto0", "auto1"], ["cpu2", "cpu3"]]
+    assert notes[-1] == ("auto0, auto1, unset5 (device auto) and cpu2, cpu3, gpu4 (device cpu, cuda) do not pool: auto "
+                         "ran on the CPU (fp32) or CUDA (bf16 autocast), and no params or metrics file records which")
+    for names, explicit in ((["auto0", "cpu2"], "cpu"), (["gpu4", "auto1"], "cuda"), (["unset5", "cpu3"], "cpu")):
+        line = rf"^refusing to pool: \S+ \(device auto\) and \S+ \(device {explicit}\) do not pool: auto ran on"
+        with pytest.raises(UserError, match=line):
+            aggregate.pool(aggregate.select(found, names))
+    assert [e.name for e in aggregate.pool(aggregate.select(found, ["auto0", "auto1"])).members] == ["auto0", "auto1"]
+
+
 def test_a_data_source_pools_by_its_normalised_path():
     def with_source(seed, source):
         return {**params(seed), "data": {"dataset": "image-folder", "source": source}}

@@ -238,7 +238,7 @@ def test_choose_inception(standin, inception_file, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # nothing cached
 
     def cfg(**score):
-        return params.parse({"runs": {"pgd": {"method": "pgd"}}, "score": score}).score
+        return params.parse({"runs": {"pgd": {"method": "pgd", "der": {"start_epoch": -1}}}, "score": score}).score
 
     assert fidelity.choose_inception(cfg(), "cpu") is None  # auto: off on the CPU, whatever files exist
     assert fidelity.choose_inception(cfg(inception_fid_file=str(path)), "cpu") is None

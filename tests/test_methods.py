@@ -12,7 +12,7 @@ from torch import nn
 
 from energyat import energy as E
 from energyat import params as P
-from energyat.attacks import Threat, single_step, trades_attack, uniform_noise
+from energyat.attacks import ATTACKS, Threat, single_step, trades_attack, uniform_noise
 from energyat.methods import METHODS, bn_stats_frozen, gradalign_cosines
 from energyat.train import Objective
 
@@ -66,6 +66,27 @@ def test_random_start_single_step_scales(method, noise_radius, alpha, bound):
     torch.testing.assert_close(adv.x_adv, expected)
     torch.testing.assert_close(adv.logits_start, model(start))
     assert (adv.x_adv - x).abs().max().item() == pytest.approx(bound * eps, rel=0.05)
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if METHODS[m].adversarial])
+def test_training_examples_stay_in_the_eps_ball_even_with_a_step_of_two_eps(method):
+    """Every method but N-FGSM (no projection by design) clamps δ to [-ε, ε], as the reference code does, whatever
+    `train.alpha`; x* stays an image. Images from the synthetic task touch 0 and 1, so the [0, 1] clip acts too."""
+    eps = 0.05
+    model, (x, y) = tiny_model(), make_task(n=64)
+    m = METHODS[method]
+    noise = {None: None, "uniform": uniform_noise(x, torch.Generator().manual_seed(1)),
+             "normal": torch.randn(x.shape, generator=torch.Generator().manual_seed(1))}[m.noise]
+    threat = m.threat(P.TrainCfg(method=method, eps=eps, alpha=2 * eps, steps=3))
+    x_adv = m.attack(model, x, y, threat, noise, False).x_adv
+    assert 0 <= x_adv.min() and x_adv.max() <= 1
+    reach = (x_adv - x).abs().max().item()
+    if method == "n-fgsm":
+        assert reach > eps + 1e-3  # noise of 2ε plus the step: outside the ball
+    else:
+        assert reach <= eps + 1e-6
+    if method == "fgsm":  # the evaluation attack of the same name too
+        assert (ATTACKS["fgsm"](model, x, y, threat) - x).abs().max().item() <= eps + 1e-6
 
 
 def test_uniform_noise_is_uniform_on_minus_one_one():

@@ -1,8 +1,10 @@
 """Model registry: sizes of the small CNN's options, and checkpoints that rebuild the same network."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from energyat import checkpoint
+from energyat import energy as E
 from energyat.errors import UserError
 from energyat.models import MODELS
 from energyat.params import ModelCfg
@@ -56,7 +58,31 @@ def test_every_registered_architecture_builds_with_its_size_and_normalises_insid
         out = model(x)
         mean, std = torch.tensor(meta["mean"]).view(1, -1, 1, 1), torch.tensor(meta["std"]).view(1, -1, 1, 1)
         torch.testing.assert_close(out, model.net((x - mean) / std))  # [0, 1] input, normalised by the model
-    assert out.shape == (2, 10) and out.dtype == torch.float32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = model(x)
+    assert out.shape == (2, 10) and out.dtype == mixed.dtype == torch.float32
+    assert_fp32_classifier(model)
+
+
+def assert_fp32_classifier(model: torch.nn.Module) -> None:
+    """The layer making the logits computes in fp32 under bf16 autocast: at the logits of trained models (10-20)
+    bf16 output would move E(x) by > 1e-2, as much as DER's margin; fp32 keeps it within 1e-4. Without autocast it
+    is exactly nn.Linear."""
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        head.weight.copy_(3 * torch.randn(head.weight.shape, generator=g) / head.in_features ** 0.5)
+        head.bias.copy_(torch.linspace(10, 20, head.out_features))
+        features = torch.rand(64, head.in_features, generator=g).bfloat16()  # as a bf16 network hands them over
+        exact = F.linear(features.float(), head.weight, head.bias)
+        assert exact.abs().min() > 5 and exact.abs().max() < 25
+        assert torch.equal(head(features.float()), exact)
+        reference = E.energy(exact)
+        assert (E.energy(exact.bfloat16()) - reference).abs().max() > 1e-2  # what bf16 logits would give
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = head(features)
+    assert logits.dtype == torch.float32
+    assert (E.energy(logits) - reference).abs().max() < 1e-4
 
 
 def test_preact_blocks_put_batchnorm_before_every_convolution():

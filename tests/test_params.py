@@ -1,8 +1,10 @@
 """params.yaml validation: one line naming key, value and what is allowed; YAML 1.2 floats; run overrides."""
 import copy
+import dataclasses
 import re
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -202,3 +204,35 @@ def test_check_data_rejects_sizes_beyond_their_split():
         p.check_data({"train": 50_000, "val": 1100, "test": 10_000})
     with pytest.raises(P.ParamsError, match=r"^runs.fgsm.n_train: 20000 is not allowed; the training split has 400"):
         p.check_data({"train": 400, "val": 5000, "test": 10_000})
+
+
+
+NAMED_ENTRIES = ("runs", "sample.samplers")  # mappings of named entries: no default to agree with
+
+
+def _defaults_against(cls: type, raw: dict, prefix: str = "") -> list[str]:
+    """`key: default != value` for every field of `cls` whose dataclass default differs from its value in `raw` (a
+    params.yaml section, read as the loader reads it), and `key: not in params.yaml` for a field it lacks."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        key = f.metadata.get("key", f.name)
+        where = prefix + key
+        if where in NAMED_ENTRIES:
+            continue
+        if key not in raw:
+            out.append(f"{where}: not in params.yaml")
+        elif dataclasses.is_dataclass(hints[f.name]):
+            out += _defaults_against(hints[f.name], raw[key], where + ".")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            loaded = getattr(P._build(cls, {key: raw[key]}, prefix.rstrip(".")), f.name)
+            if loaded != default:
+                out.append(f"{where}: {default!r} != {loaded!r}")
+    return out
+
+
+def test_dataclass_defaults_are_the_values_of_params_yaml():
+    """params.yaml is the documented source of every default: a key deleted from it must fall back to the same
+    value, not to another one written in params.py."""
+    assert _defaults_against(P.Params, RAW) == []

@@ -174,7 +174,7 @@ def test_report_stage_merges_score_and_writes_tables(tmp_path, monkeypatch):
         (tmp_path / f"metrics/eval/{run}.{variant}.json").write_text(json.dumps(e))
         (tmp_path / f"metrics/eval/{run}.{variant}.flags.json").write_text(json.dumps(f))
         (tmp_path / f"metrics/train/{run}.{variant}.json").write_text(json.dumps(TRAINS[run, variant]))
-    params = parse({"runs": {"fgsm": {"method": "fgsm", "eps": 0.3}, "pgd": {"method": "pgd"}}})
+    params = parse({"runs": {"fgsm": {"method": "fgsm", "eps": 0.3}, "pgd": {"method": "pgd", "der": {"start_epoch": -1}}}})
     with pytest.raises(UserError, match="metrics/eval/standard.base.json: file not found"):
         report_stage.run(params)
     (tmp_path / "metrics/eval/standard.base.json").write_text(json.dumps(STANDARD))

@@ -168,6 +168,23 @@ def test_energies_are_fp32_from_low_precision_logits(trained):
     assert torch.equal(chains.energy[0], start)
 
 
+def test_sgld_reads_fp32_logits_under_bf16_autocast(trained, monkeypatch):
+    """SGLD runs the network under bf16 autocast on CUDA (here on the CPU): its energies and their gradient come from
+    fp32 logits of the bf16 features, not from logits rounded to bf16 (~0.03 at these magnitudes)."""
+    model, x, y = trained
+    x, y = x[:64], y[:64]
+    monkeypatch.setattr(sampling, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    e, grad = sampling._energy_and_grad(model, x, y)
+    net = model.net
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        features = net.features((x - model.mean) / model.std).flatten(1)
+    logits = torch.nn.functional.linear(features.float(), net.head.weight, net.head.bias)
+    want = joint_energy(logits, y)
+    assert e.dtype == grad.dtype == torch.float32 and logits.abs().max() > 4
+    assert (joint_energy(logits.bfloat16(), y) - want).abs().max() > 1e-2  # what bf16 logits would give
+    assert (e - want).abs().max() < 1e-4
+
+
 def test_inits_registry_and_their_distributions():
     assert set(sampling.INITS) == set(params.INITS)
     g = torch.Generator().manual_seed(0)
@@ -202,7 +219,7 @@ def test_inits_registry_and_their_distributions():
 
 
 def test_sample_params_are_checked():
-    base = {"runs": {"pgd": {"method": "pgd"}}}
+    base = {"runs": {"pgd": {"method": "pgd", "der": {"start_epoch": -1}}}}  # DER's default start needs 15 epochs
     with pytest.raises(params.ParamsError, match=r"^sample.tau: -0.1 is not allowed; must be >= 0"):
         params.parse({**base, "sample": {"tau": -0.1}})
     with pytest.raises(params.ParamsError, match=r"^sample.step_sweep: 60 is not allowed"):
@@ -233,7 +250,7 @@ def workspace(root, model, samplers: dict, score: dict | None = None) -> params.
                         {**checkpoint.model_meta(params.ModelCfg(), meta), "run": run, "variant": variant, "method": method,
                          "eps": eps, "epoch": 1, "val_clean_acc": 1.0, "val_pgd_acc": 0.5})
     return params.parse({
-        "threads": 1, "runs": {"pgd": {"method": "pgd"}},
+        "threads": 1, "runs": {"pgd": {"method": "pgd", "der": {"start_epoch": -1}}},
         "pca": {"variance": 0.9, "k": 20, "n_anchors": 2},
         "sample": {"steps": 6, "step_size": 0.002, "momentum": 0.5, "tau": 4.0, "samples_per_class": 3,
                    "batch_size": 5, "n_energy": 50, "step_sweep": [0, 3], "samplers": samplers},

@@ -98,14 +98,14 @@ def test_a_failed_capture_is_one_line_naming_the_way_out(monkeypatch):
 
 
 def test_trainer_uses_no_graphs_on_the_cpu():
-    run = P.parse({"runs": {"pgd": {"method": "pgd"}}}).run("pgd")
+    run = P.parse({"runs": {"pgd": {"method": "pgd", "der": {"start_epoch": -1}}}}).run("pgd")
     assert Trainer(tiny_model(), run, torch.device("cpu"), cuda_graphs=True).graphs is None
 
 
 def test_cuda_graphs_param_is_a_boolean():
-    assert P.parse({"runs": {"pgd": {"method": "pgd"}}}).cuda_graphs is True
+    assert P.parse({"runs": {"pgd": {"method": "pgd", "der": {"start_epoch": -1}}}}).cuda_graphs is True
     with pytest.raises(P.ParamsError, match="cuda_graphs"):
-        P.parse({"cuda_graphs": "sometimes", "runs": {"pgd": {"method": "pgd"}}})
+        P.parse({"cuda_graphs": "sometimes", "runs": {"pgd": {"method": "pgd", "der": {"start_epoch": -1}}}})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -115,7 +115,7 @@ def test_graph_replays_train_what_eager_steps_train(method):
     short batch: the weights differ from the eager steps' no more than two eager runs differ from each other
     (non-deterministic CUDA kernels, amplified by the attacks' gradient signs, set that floor)."""
     run = P.parse({"train": {"eps": 0.1, "steps": 3, "batch_size": 16, "lr_max": 0.05},
-                   "runs": {"pgd": {"method": "pgd"}, method: {"method": method}}}).run(method)
+                   "runs": {"pgd": {"method": "pgd", "der": {"start_epoch": -1}}, method: {"method": method}}}).run(method)
     device = torch.device("cuda")
     g = torch.Generator().manual_seed(0)
     xb = torch.randint(0, 256, (16, 1, 16, 16), generator=g, dtype=torch.uint8).to(device)

@@ -9,7 +9,8 @@ Pure functions over the JSON of `dvc exp show --json` (DVC 3.x: a list of baseli
 - A group is the candidates whose params (all params files, flattened) are equal except `seed` and the execution
   settings `threads`, `distributed.nproc`, `cuda_graphs` and the GPU index of `device: cuda:N`, with a data source
   path compared by its normalised spelling (`/a/b/../c` is `/a/c`); within a group a seed counts once (the newest
-  experiment with it).
+  experiment with it). `device: auto` ran on the CPU (fp32) or on CUDA (bf16 autocast), and neither the params nor
+  the metrics record which: it never pools with an explicit `cpu` or `cuda`, and says so in one line.
 - Per metric key (metrics file + flattened key): numbers give n, mean, sample std and the Student-t 95 % interval
   of the mean over seeds (`stats.t_interval`); booleans give how many seeds were true.
 - Robust overfitting (multi-step runs of the experiments' `runs`, read from `metrics/eval/<run>.<variant>.json`):
@@ -185,6 +186,20 @@ def select(exps: list[Experiment], names: list[str]) -> list[Experiment]:
     return list(chosen.values())
 
 
+def device_clash(exps: list[Experiment]) -> str | None:
+    """One line when `exps` mix `device: auto` (or no `device` param: its default) with an explicit device kind:
+    they may have computed in different precisions (fp32 on the CPU, bf16 autocast on CUDA), and whether auto found
+    a GPU is recorded nowhere the aggregator reads; None when they do not mix them."""
+    kinds = {e.name: pooling_params(e.flat_params).get("device", "auto") for e in exps}
+    auto = [name for name, kind in kinds.items() if kind == "auto"]
+    other = [name for name, kind in kinds.items() if kind != "auto"]
+    if not auto or not other:
+        return None
+    explicit = ", ".join(sorted({kinds[name] for name in other}))
+    return (f"{', '.join(auto)} (device auto) and {', '.join(other)} (device {explicit}) do not pool: auto ran on "
+            "the CPU (fp32) or CUDA (bf16 autocast), and no params or metrics file records which")
+
+
 def differing(exps: list[Experiment], ignore: tuple[str, ...] = POOL_IGNORE) -> list[str]:
     """The flattened params whose values are not the same in all of `exps` (`ignore`d keys left out)."""
     flats = [pooling_params(e.flat_params, ignore) for e in exps]
@@ -226,6 +241,12 @@ def group(exps: list[Experiment], min_members: int = 2, keep_older: bool = False
             groups.append(Group(tuple(members), tuple(older) if keep_older else ()))
         else:
             notes.append(f"{', '.join(m.name for m in members)}: not pooled (no other seed with the same params)")
+    # buckets apart only by the device: say why an auto one stays apart from an explicit one
+    twins: dict[str, list[Experiment]] = {}
+    for e in exps:
+        rest = {k: v for k, v in pooling_params(e.flat_params).items() if k != "device"}
+        twins.setdefault(json.dumps(rest, sort_keys=True), []).append(e)
+    notes += [clash for same in twins.values() if (clash := device_clash(same))]
     return groups, notes
 
 
@@ -234,6 +255,8 @@ def pool(exps: list[Experiment]) -> Group:
     seed repeats."""
     if len(exps) < 2:
         raise UserError(f"pooling needs at least two experiments, got {len(exps)}")
+    if clash := device_clash(exps):
+        raise UserError(f"refusing to pool: {clash}")
     if diff := differing(exps):
         shown = ", ".join(diff[:6]) + (f" and {len(diff) - 6} more" if len(diff) > 6 else "")
         raise UserError(f"refusing to pool {', '.join(e.name for e in exps)}: params other than seed differ ({shown})")

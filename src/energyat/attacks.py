@@ -78,15 +78,16 @@ def single_step(model: nn.Module, x: Tensor, y: Tensor, alpha: float, *, start: 
     logits = model(x_start)
     (grad,) = torch.autograd.grad(ce_loss(logits, y).sum(), x_start, retain_graph=keep_graph)
     x_adv = x_start.detach() + alpha * grad.sign()
-    if project is not None:
+    # a zero-start step no longer than the radius stays in the ball: projecting it would only re-round x*
+    if project is not None and (start is not None or alpha > project):
         x_adv = x + (x_adv - x).clamp(-project, project)
     return Step(x_adv.clamp(0, 1).detach(), logits if keep_graph else logits.detach(), grad)
 
 
 @register("fgsm")
 def fgsm(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, generator: torch.Generator | None = None) -> Tensor:
-    """One signed-gradient step of size α from the natural image (Goodfellow et al.)."""
-    return single_step(model, x, y, threat.alpha).x_adv
+    """One signed-gradient step of size α from the natural image (Goodfellow et al.), in the ε-ball."""
+    return single_step(model, x, y, threat.alpha, project=threat.eps).x_adv
 
 
 @register("rs-fgsm")

@@ -4,7 +4,9 @@ Pure tensor functions over logits `f(x)` of shape (N, K); every result is per sa
 named a loss. Sign conventions follow DESIGN.md §1: ΔE is natural minus adversarial.
 
 Every function computes in fp32 whatever the logits' dtype: under bf16 autocast a logsumexp of values near 10
-rounds to ~0.06, the size of DER's margin γ and of the adaptive-stopping band.
+rounds to ~0.06, the size of DER's margin γ and of the adaptive-stopping band. Casting cannot undo logits already
+rounded to bf16, so the models' classifier layers run in fp32 under autocast (models.Fp32Linear): the logits
+arrive here in fp32.
 """
 from __future__ import annotations
 

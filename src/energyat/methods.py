@@ -68,8 +68,9 @@ def _none(model, x, y, threat, noise, keep_graph) -> Adversarial:
 
 
 def _fgsm(model, x, y, threat, noise, keep_graph) -> Adversarial:
-    # zero init: the attack's own forward at x is the natural forward, so diagnostics and DER reuse it
-    step = single_step(model, x, y, threat.alpha, keep_graph=keep_graph)
+    # zero init: the attack's own forward at x is the natural forward, so diagnostics and DER reuse it. x* in the
+    # ε-ball whatever alpha, as the reference clamps δ to [-ε, ε]
+    step = single_step(model, x, y, threat.alpha, project=threat.eps, keep_graph=keep_graph)
     return Adversarial(step.x_adv, step.start_logits, step.start_logits.detach(), step.start_grad)
 
 

@@ -27,6 +27,26 @@ def build_model(arch: str, num_classes: int, channels: int, mean: tuple[float, .
     return Normalized(MODELS[arch](num_classes=num_classes, channels=channels, **(options or {})), mean, std)
 
 
+class _Fp32Forward:
+    """The classifier layer in fp32 under autocast: energies, ΔE, the AAE mask, DER and SGLD read its logits, and
+    bf16 logits of 10-20 are rounded to ~0.06 (DER's margin, the adaptive-stopping band), which no later cast
+    undoes. One matrix product of the network: its cost is negligible. Without autocast it is nn.Linear's forward."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), self.weight, self.bias)
+
+
+class Fp32Linear(_Fp32Forward, nn.Linear):
+    """nn.Linear computing in fp32 under autocast (same parameters and state-dict keys)."""
+
+
+class LazyFp32Linear(_Fp32Forward, nn.LazyLinear):
+    """nn.LazyLinear computing in fp32 under autocast; becomes an Fp32Linear once built."""
+
+    cls_to_become = Fp32Linear
+
+
 class Normalized(nn.Module):
     def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
         super().__init__()
@@ -40,9 +60,10 @@ class Normalized(nn.Module):
 
 @register("small-cnn")
 class SmallCNN(nn.Module):
-    """Three 3×3 convolutions (`width`, 2×, 2× channels), two poolings, a linear classifier: ~0.09M parameters
-    for 28×28 inputs at width 32. `hidden` > 0 puts a ReLU layer of that many units before the classifier: cheap
-    capacity (one matrix product) for runs that must be able to memorise, such as robust overfitting on a subset."""
+    """Three 3×3 convolutions (`width`, 2×, 2× channels), two poolings, a linear classifier (fp32 under autocast,
+    as in every model here): ~0.09M parameters for 28×28 inputs at width 32. `hidden` > 0 puts a ReLU layer of that
+    many units before the classifier: cheap capacity (one matrix product) for runs that must be able to memorise,
+    such as robust overfitting on a subset."""
 
     def __init__(self, num_classes: int = 10, channels: int = 1, width: int = 32, hidden: int = 0):
         super().__init__()
@@ -51,8 +72,8 @@ class SmallCNN(nn.Module):
             nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(),
         )
-        self.head = (nn.Sequential(nn.LazyLinear(hidden), nn.ReLU(), nn.Linear(hidden, num_classes)) if hidden
-                     else nn.LazyLinear(num_classes))
+        self.head = (nn.Sequential(nn.LazyLinear(hidden), nn.ReLU(), Fp32Linear(hidden, num_classes)) if hidden
+                     else LazyFp32Linear(num_classes))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x).flatten(1))
@@ -94,7 +115,7 @@ class PreActResNet(nn.Module):
                 in_planes = planes
         self.layers = nn.Sequential(*layers)
         self.bn = nn.BatchNorm2d(in_planes)
-        self.linear = nn.Linear(in_planes, num_classes)
+        self.linear = Fp32Linear(in_planes, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn(self.layers(self.conv1(x))))

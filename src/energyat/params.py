@@ -1,4 +1,5 @@
-"""params.yaml -> typed, frozen config. The one place defaults and allowed values live.
+"""params.yaml -> typed, frozen config. The one place allowed values live; the defaults are params.yaml's values
+(a key deleted from it falls back to the same value; tests/test_params.py holds them equal).
 
 Every stage calls :func:`load` once, before any work; a bad value raises :class:`ParamsError`
 with one line naming the key, the value and what is allowed.
@@ -80,7 +81,7 @@ class DerCfg:
     lam: float = field(default=1.0, metadata={**_range(0.0), "key": "lambda"})
     gamma: float = field(default=0.0, metadata=_range(0.0))
     # multi-step methods only: k >= 1 -> DER on from epoch k (1-based); k < 0 -> on for the last |k| epochs
-    start_epoch: int = 1
+    start_epoch: int = -15
     # single-step methods only: which samples are abnormal adversarial examples (AAEs) -- clean: CE(x*) < CE(x);
     # start: CE(x*) < CE(x_start), the loss at the attack's random start (AAER's definition; = clean for FGSM)
     aae: str = field(default="clean", metadata=_choice(*AAE_DEFINITIONS))
@@ -114,8 +115,9 @@ class TrainCfg:
     # GradAlign weight: "auto" -> Andriushchenko & Flammarion's CIFAR-10 rule, log-linear in eps from 0.2 at
     # 8/255 to 2.0 at 16/255 (eps clamped to that published range), or a number >= 0
     gradalign_lambda: float | str = field(default="auto", metadata={**_range(0.0), "or_auto": True})
-    # natural-image diagnostics (E(x), dE, AAE fraction, train clean acc) on every k-th batch where they cost an
-    # extra forward pass (they are free for fgsm, gradalign, trades, standard and DER epochs); 0: off
+    # training-batch diagnostics (E(x), dE, AAE fractions, train clean acc) on every k-th batch of every run and epoch,
+    # also where the natural logits come free (fgsm, gradalign, trades, standard, DER epochs), so that base and DER
+    # runs average over the same batches (train.diagnosed); 0: off
     diag_every: int = field(default=8, metadata=_range(0))
     n_val: int = field(default=1000, metadata=_range(1))  # validation images scored each epoch
     val_steps: int = field(default=10, metadata=_range(1))  # PGD steps of the per-epoch validation attack
@@ -142,10 +144,10 @@ class RunCfg:
 @dataclass(frozen=True)
 class EvaluateCfg:
     n_examples: int = field(default=1000, metadata=_range(1))  # clean + PGD: the first n test images (10000: all)
-    aa_examples: int = field(default=100, metadata=_range(1))  # AutoAttack: the first aa_examples of those n
+    aa_examples: int = field(default=50, metadata=_range(1))  # AutoAttack: the first aa_examples of those n
     batch_size: int = field(default=250, metadata=_range(1))  # also the block of images a rank owns (torchrun)
     pgd_steps: tuple[int, ...] = (50,)  # one PGD-k evaluation per entry, each with `restarts` random starts
-    restarts: int = field(default=3, metadata=_range(1))
+    restarts: int = field(default=1, metadata=_range(1))
     autoattack: bool = True
     checkpoints: tuple[str, ...] = field(default=CHECKPOINTS, metadata=_choice(*CHECKPOINTS))
 
@@ -163,7 +165,7 @@ class EvaluateCfg:
 
 @dataclass(frozen=True)
 class AnalyzeCfg:
-    n_examples: int = field(default=100, metadata=_range(1))  # first-n test images attacked per model
+    n_examples: int = field(default=50, metadata=_range(1))  # first-n test images attacked per model
     batch_size: int = field(default=250, metadata=_range(1))
     steps: int = field(default=20, metadata=_range(1))  # our PGD (CE) and CW-margin PGD: steps, one start
     # AutoAttack's attacks, one at a time, on a smaller budget than the standard protocol (100 / 9 / 5000)
@@ -223,7 +225,7 @@ class ScoreCfg:
     # TF inception-2015-12-05 pool3 as TorchScript (`make inception`); empty: its copy in the torch hub cache
     inception_fid_file: str = ""
     # training images (the first n) Inception FID compares against; 0: all
-    inception_reference: int = field(default=0, metadata=_range(0))
+    inception_reference: int = field(default=2000, metadata=_range(0))
 
     def __post_init__(self):
         value = self.inception_fid
@@ -258,7 +260,7 @@ class Params:
     model: ModelCfg = field(default_factory=ModelCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
     der: DerCfg = field(default_factory=DerCfg)
-    standard: dict[str, Any] = field(default_factory=dict)
+    standard: dict[str, Any] = field(default_factory=lambda: {"epochs": 3})
     runs: dict[str, dict[str, Any]] = field(default_factory=dict)
     evaluate: EvaluateCfg = field(default_factory=EvaluateCfg)
     analyze: AnalyzeCfg = field(default_factory=AnalyzeCfg)

@@ -48,11 +48,18 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 100_003 + epoch
 
 
-# Per-epoch sums, kept on the device and read once per epoch. `n`: training images; `n_nat`: images whose natural
-# logits were computed (every batch, or every `diag_every`-th where they cost an extra forward); `n_start`: images
-# of a single-step attack's starting point.
+# Per-epoch sums, kept on the device and read once per epoch. `n`: training images; `n_nat`: images of the diagnosed
+# batches (`diagnosed`); `n_start`: images of diagnosed batches with a single-step attack's starting point.
 SUMS = ("n", "loss", "adv_correct", "n_nat", "clean_correct", "e_nat", "e_adv", "de_x", "de_xy", "der", "aae",
         "n_start", "aae_start")
+
+
+def diagnosed(cfg: TrainCfg, i: int) -> bool:
+    """Whether batch `i` of an epoch feeds the diagnostic columns (train clean accuracy, E, ΔE, DER, AAE fractions):
+    every `diag_every`-th, in every method, variant and epoch, even where the natural logits come free (fgsm,
+    gradalign, trades, standard, DER epochs). So a base and a DER run, or a DER run's epochs before and after DER
+    starts, average over the same batches, and the columns compare like for like."""
+    return cfg.diag_every > 0 and i % cfg.diag_every == 0
 
 
 def history_row(sums: dict[str, float], adversarial: bool) -> dict:
@@ -132,7 +139,7 @@ class Objective(nn.Module):
                 d_x, d_xy = d_x.detach(), d_xy.detach()
                 sums.update(e_adv=(e_nat - d_x).sum(), de_x=d_x.sum(), de_xy=d_xy.sum(),
                             der=per_sample.detach().sum(), aae=(d_x < d_xy).sum())
-        if adv.logits_start is not None and logits_adv is not None:
+        if diagnose and adv.logits_start is not None and logits_adv is not None:
             sums["aae_start"] = E.aae_start_mask(adv.logits_start, logits_adv.detach(), y).sum()
         sums["loss"] = loss.detach() * (global_batch / world)  # summed over ranks: the global mean × batch
         n = y.shape[0]
@@ -289,17 +296,14 @@ def fit(model: nn.Module, train: Split, val: Split, run: RunCfg, use_der: bool, 
         order_gen = torch.Generator(device="cpu").manual_seed(es)
         step_gen = torch.Generator(device=device).manual_seed(es)
         der_on = use_der and method.adversarial and (method.single_step or run.der.active(epoch, cfg.epochs))
-        # natural logits come free with these; elsewhere they cost a forward, paid every `diag_every`-th batch
-        free = method.natural_from_attack or method.natural_trains or der_on
         acc: dict[str, Tensor | int] = {}
         t0 = time.perf_counter()
         model.train()
         inner = progress(batches(x_train, y_train, cfg.batch_size, shuffle=True, generator=order_gen),
                          total=steps_per_epoch, desc=f"epoch {epoch}")
         for i, (xb, yb) in enumerate(inner):
-            diagnose = cfg.diag_every > 0 and (free or i % cfg.diag_every == 0)
             lr = learning_rate(cfg, epoch - 1 + i / steps_per_epoch)
-            for k, v in trainer.step(xb, yb, lr, der_on, diagnose, step_gen).items():
+            for k, v in trainer.step(xb, yb, lr, der_on, diagnosed(cfg, i), step_gen).items():
                 acc[k] = acc.get(k, 0) + v  # device tensors stay on the device: no sync per step
         if not all(torch.isfinite(p).all() for p in model.parameters()):
             raise UserError(f"{run.name}: weights became non-finite in epoch {epoch}; lower lr_max (now {cfg.lr_max})")

@@ -1,8 +1,8 @@
 """`make bench`: our training step against a plain reference loop of the same method, plus AutoAttack seconds per
 100 images. Writes metrics/bench.json (tests never assert time).
 
-Ours is `Trainer.step` as `fit` drives it: natural-image diagnostics on every `train.diag_every`-th batch (on every
-batch where the method's natural logits come free), diagnostic sums kept on the device and read once per round.
+Ours is `Trainer.step` as `fit` drives it: natural-image diagnostics on every `train.diag_every`-th batch
+(`train.diagnosed`), diagnostic sums kept on the device and read once per round.
 The references are the methods' published training loops, written out here and not imported from the library:
 zero-init FGSM and RS-FGSM (Wong et al. 2020), N-FGSM (de Jorge et al. 2022), GradAlign (Andriushchenko &
 Flammarion 2020), PGD-k with a random start (Rice et al. 2020), TRADES with its attack in eval mode (Zhang et al.
@@ -32,7 +32,7 @@ from ..methods import METHODS
 from ..params import DerCfg, Params, RunCfg, TrainCfg
 from ..robustness import autoattack_seconds_per_100
 from ..runtime import log, setup
-from ..train import SUMS, Trainer
+from ..train import SUMS, Trainer, diagnosed
 
 GEOMETRY = {  # dataset -> (channels, size, classes) of its images; timings do not depend on the pixels
     "fashion-mnist": (1, 28, 10), "cifar10": (3, 32, 10), "cifar100": (3, 32, 100), "svhn": (3, 32, 10),
@@ -206,17 +206,16 @@ class Reference:
 
 
 class Ours:
-    """`Trainer.step` driven as `fit` drives it: diagnostics where they are free, else on every `diag_every`-th
-    batch; the diagnostic sums accumulate on the device and are read once per round (fit: once per epoch); on CUDA
+    """`Trainer.step` driven as `fit` drives it: diagnostics on every `diag_every`-th batch (`train.diagnosed`); the
+    diagnostic sums accumulate on the device and are read once per round (fit: once per epoch); on CUDA
     the step replays from CUDA graphs unless `cuda_graphs` is False (the `cuda_graphs` param's default: on)."""
 
     def __init__(self, model: nn.Module, run: RunCfg, device: torch.device, use_der: bool, cuda_graphs: bool = True):
         self.trainer = Trainer(model, run, device, cuda_graphs=cuda_graphs)
         m = self.trainer.method
         self.der_on = use_der and m.adversarial
-        self.free = m.natural_from_attack or m.natural_trains or self.der_on
-        self.diag_every, self.device = run.train.diag_every, device
-        self.cycle = max(1, self.diag_every)  # steps that repeat the same work: one diagnosed, the others not
+        self.cfg, self.device = run.train, device
+        self.cycle = max(1, run.train.diag_every)  # steps that repeat the same work: one diagnosed, the others not
         self.i = 0
         self.acc: dict[str, Tensor | int] = {}
 
@@ -226,8 +225,7 @@ class Ours:
         return requested if graphs is None else max(requested, self.cycle * (graphs.warmup + 1))
 
     def step(self, xb: Tensor, yb: Tensor, lr: float, gen: torch.Generator) -> None:
-        diagnose = self.diag_every > 0 and (self.free or self.i % self.diag_every == 0)
-        for k, v in self.trainer.step(xb, yb, lr, self.der_on, diagnose, gen).items():
+        for k, v in self.trainer.step(xb, yb, lr, self.der_on, diagnosed(self.cfg, self.i), gen).items():
             self.acc[k] = self.acc.get(k, 0) + v
         self.i += 1
 
