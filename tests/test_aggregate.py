@@ -411,6 +411,50 @@ def test_cli_refusal_is_one_line(tmp_path, monkeypatch, capsys):
     assert "| FGSM | CO 0/1 · div 0/1 |" in (tmp_path / "metrics/co_study.md").read_text()
 
 
+def test_export_then_aggregate_from_the_committed_evidence_alone(tmp_path, monkeypatch):
+    """`--export` writes what the aggregates need; a clone without the experiment refs regenerates them byte for
+    byte from it, McNemar cells (per-example flags) included."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    runs = {"pgd": {"method": "pgd", "eps": 0.2}}
+    rows = [exp(f"ro-s{i}", str(i + 1) * 40, params(i, runs=runs),
+                {"metrics/eval/pgd.base.json": ro_eval(*b), "metrics/eval/pgd.der.json": ro_eval(*d)})
+            for i, (b, d) in enumerate([((0.50, 0.46, 0.80), (0.51, 0.49, 0.79)),
+                                        ((0.52, 0.46, 0.81), (0.52, 0.50, 0.80))])]
+    committed = {("1" * 40, "metrics/eval/pgd.base.flags.json"): {"best.pgd50": "1111100000", "last.pgd50": "0" * 10},
+                 ("1" * 40, "metrics/eval/pgd.der.flags.json"): {"last.pgd50": "1110000000"},
+                 ("1" * 40, "plots/history/pgd.base.tsv"): "epoch\tval_pgd_acc\n1\t0.5\n"}
+
+    def git_show(*args):
+        rev, _, path = args[1].partition(":") if args[0] == "show" else ("", "", "")
+        found = committed.get((rev, path))
+        text = found if isinstance(found, str) else json.dumps(found)
+        return subprocess.CompletedProcess(args, 0 if found else 128, text if found else "", "")
+
+    monkeypatch.setattr(stage, "_exp_show", lambda: show(experiments=rows))
+    monkeypatch.setattr(stage, "_git", git_show)
+    assert cli.main(["aggregate", "--export", "ro-study"]) == 0
+    folder = tmp_path / "metrics/studies/ro-study/ro-s0"
+    assert json.loads((folder / "experiment.json").read_text())["rev"] == "1" * 40
+    assert (folder / "history/pgd.base.tsv").read_text() == "epoch\tval_pgd_acc\n1\t0.5\n"
+    assert json.loads((folder / "eval/pgd.der.flags.json").read_text()) == {"last.pgd50": "1110000000"}
+    assert not (tmp_path / "metrics/studies/ro-study/ro-s1/eval").exists()  # its commit had no flags
+
+    # a fresh clone: no experiment refs, no git objects of theirs
+    monkeypatch.setattr(stage, "_exp_show", lambda: show())
+    monkeypatch.setattr(stage, "_git", lambda *a: subprocess.CompletedProcess(a, 128, "", "gone"))
+    outputs = []
+    for _ in range(2):
+        assert cli.main(["aggregate"]) == 0
+        outputs.append([(tmp_path / f"metrics/seeds.{ext}").read_bytes() for ext in ("json", "md")])
+    assert outputs[0] == outputs[1]
+    (g,) = json.loads(outputs[0][0])["groups"]
+    assert [m["name"] for m in g["members"]] == ["ro-s0", "ro-s1"]
+    ro = g["robust_overfitting"]["pgd"]
+    assert ro["gap"]["base"]["mcnemar_p"] == [0.0625, None]  # from the committed flags of seed 0
+    assert ro["der_gain_last"]["pgd50_acc"]["values"] == pytest.approx([0.03, 0.04])
+
+
 # ----------------------------------------------------------------------------------------------- end to end
 
 @pytest.mark.slow

@@ -172,6 +172,22 @@ def experiments(show: list[dict], head: str | None) -> tuple[list[Experiment], l
     return found, notes
 
 
+def evidence(exp: Experiment) -> dict:
+    """What an experiment contributes to an aggregate, as committed JSON (metrics/studies/<study>/<name>/)."""
+    return {"name": exp.name, "rev": exp.rev, "baseline": exp.baseline, "timestamp": exp.timestamp,
+            "params": exp.params, "metrics": exp.metrics}
+
+
+def from_evidence(record: dict) -> Experiment:
+    return Experiment(**{k: record[k] for k in ("name", "rev", "baseline", "timestamp", "params", "metrics")})
+
+
+def merge(committed: list[Experiment], live: list[Experiment]) -> list[Experiment]:
+    """Committed evidence, plus the experiments of git refs that it does not hold (the same commit counts once)."""
+    revs = {e.rev for e in committed}
+    return committed + [e for e in live if e.rev not in revs]
+
+
 def select(exps: list[Experiment], names: list[str]) -> list[Experiment]:
     """The experiments matching `names`: an experiment name, a glob over names (`co-*`) or a rev prefix
     (≥ 4 hex digits); every name must match something."""

@@ -30,7 +30,7 @@ STAGES: dict[str, tuple[str, tuple[str, ...], str]] = {
     "report": ("report", (), "summary metrics and the CO / RO / training tables"),
     "paper-report": ("paper_report", (), "docs/paper.md from the paper-setting evidence in metrics/paper/"),
     "bench": ("bench", (), "training and AutoAttack speed -> metrics/bench.json (not a dvc.yaml stage)"),
-    "aggregate": ("aggregate", ("names...", "--co-study"),
+    "aggregate": ("aggregate", ("names...", "--co-study", "--export"),
                   "pool seeds from DVC experiments -> metrics/seeds.* or co_study.* (not a dvc.yaml stage)"),
     "block": ("block", (), "the paper's setting in GPU-window blocks (not a dvc.yaml stage; own arguments)"),
     "preset": ("preset", (), "run a preset as the DVC experiment `dvc exp run -S ...` (not a dvc.yaml stage)"),
@@ -41,6 +41,8 @@ ARGUMENTS = {  # positional argument -> add_argument options
     "sampler": {"help": "a sampler of params.yaml `sample.samplers`"},
     "names...": {"nargs": "*", "help": "experiment names or globs to pool (default: all)"},
     "--co-study": {"action": "store_true", "help": "write metrics/co_study.{md,json} instead of metrics/seeds.*"},
+    "--export": {"default": "", "metavar": "STUDY",
+                 "help": "write the experiments' evidence to metrics/studies/STUDY/ (refs do not survive a clone)"},
 }
 EPILOG = """Every stage reads params.yaml (--params). Environment: ENERGYAT_PROGRESS=1 shows progress bars when stderr is
 not a terminal (they are on at a terminal; DVC and CI logs get one line per epoch with an ETA instead)."""

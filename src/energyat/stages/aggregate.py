@@ -1,16 +1,19 @@
-"""Command `aggregate [names...] [--co-study]`: seeds pooled from DVC experiments (not a dvc.yaml stage: it reads
-the experiments, which live in git refs, not in the workspace).
+"""Command `aggregate [names...] [--co-study] [--export STUDY]`: seeds pooled from DVC experiments (not a dvc.yaml
+stage: it reads the experiments, which live in git refs, and their committed evidence).
 
-Reads `dvc exp show --json` for HEAD and every commit with experiments (so a study whose results were committed
-block by block still aggregates as a whole; the HEAD commit counts as an experiment, other commits do not) and,
-for the robust-overfitting section, each member's per-example flags `metrics/eval/<run>.<variant>.flags.json`
-from its commit (`git show <rev>:<path>`; unreadable ones leave the McNemar cells empty).
+Experiments come from two places, the same commit counted once: the evidence committed under
+`metrics/studies/<study>/<experiment>/` (experiment.json: params and metrics as `dvc exp show` gave them; eval/ and
+history/: each run's per-example flags and per-epoch history) and, where this clone has them, the experiment refs
+(`dvc exp show --json` of HEAD and every commit with experiments; flags read with `git show <rev>:<path>`).
+Experiment refs do not survive a clone: `--export STUDY` writes the selected experiments' evidence into
+metrics/studies/STUDY/ (kilobytes each), so that the aggregates regenerate from git alone.
 
 - `aggregate`: every group of ≥ 2 experiments that differ only in `seed` -> metrics/seeds.md + metrics/seeds.json.
 - `aggregate NAME...`: exactly the named experiments (names, globs such as 'ro-*', or rev prefixes) as one group;
   refused with one line naming the params that differ.
 - `aggregate --co-study [NAME...]`: the catastrophic-overfitting table (groups of any size; NAMEs restrict the
   candidates) -> metrics/co_study.md + metrics/co_study.json.
+- `aggregate --export STUDY [NAME...]`: the evidence of the named (default: all) experiments of the refs.
 Experiments that are queued, running, failed or without metrics are skipped with a one-line note on stderr.
 """
 from __future__ import annotations
@@ -18,15 +21,19 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from .. import aggregate, co_study
-from ..artifacts import write_json, write_text
+from ..artifacts import read_json, write_json, write_text
 from ..errors import UserError
 from ..params import VARIANTS, Params
 from ..report import family
 from ..runtime import log
 
 FLAGS = "metrics/eval/{run}.{variant}.flags.json"
+HISTORY = "plots/history/{run}.{variant}.tsv"
+STUDIES = Path("metrics/studies")
+RECORD = "experiment.json"
 
 
 def _dvc(*args: str) -> str:
@@ -53,14 +60,45 @@ def _git(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["git", *args], capture_output=True, text=True)
 
 
-def _flags(groups: list[aggregate.Group]) -> dict[tuple[str, str, str], dict]:
-    """(rev, run, variant) -> the flags file of that experiment's evaluation, where git has a readable one."""
+def _committed(root: Path = STUDIES) -> tuple[list[aggregate.Experiment], dict[str, Path]]:
+    """The experiments of the committed evidence, and rev -> its evidence folder."""
+    exps, folders = [], {}
+    for record in sorted(root.glob(f"*/*/{RECORD}")):
+        exp = aggregate.from_evidence(read_json(record))
+        exps.append(exp)
+        folders[exp.rev] = record.parent
+    return exps, folders
+
+
+def _export(study: str, exps: list[aggregate.Experiment]) -> None:
+    """Each experiment's record, flags and histories into metrics/studies/<study>/<name>/ (from its commit)."""
+    if not exps:
+        raise UserError("aggregate --export: no finished experiment to export (dvc exp show lists none)")
+    for exp in exps:
+        folder = STUDIES / study / exp.name
+        write_json(folder / RECORD, aggregate.evidence(exp))
+        for run in aggregate.runs_of(exp.params.get(aggregate.PARAMS_FILE, {})):
+            for variant in VARIANTS:
+                for src, dest in ((FLAGS, "eval/{run}.{variant}.flags.json"), (HISTORY, "history/{run}.{variant}.tsv")):
+                    shown = _git("show", f"{exp.rev}:{src.format(run=run, variant=variant)}")
+                    if shown.returncode == 0:
+                        write_text(folder / dest.format(run=run, variant=variant), shown.stdout)
+        log(f"aggregate: {exp.name} -> {folder}")
+
+
+def _flags(groups: list[aggregate.Group], folders: dict[str, Path]) -> dict[tuple[str, str, str], dict]:
+    """(rev, run, variant) -> the flags file of that experiment's evaluation: from its committed evidence, else from
+    its commit where git has a readable one."""
     out = {}
     for g in groups:
         runs = [run for run, cfg in g.runs().items() if family(cfg["method"]) == "ro"]
         for m in g.members:
             for run in runs:
                 for variant in VARIANTS:
+                    committed = folders.get(m.rev, Path("/nonexistent")) / f"eval/{run}.{variant}.flags.json"
+                    if committed.is_file():
+                        out[m.rev, run, variant] = read_json(committed)
+                        continue
                     shown = _git("show", f"{m.rev}:{FLAGS.format(run=run, variant=variant)}")
                     if shown.returncode == 0:
                         try:
@@ -71,11 +109,16 @@ def _flags(groups: list[aggregate.Group]) -> dict[tuple[str, str, str], dict]:
     return out
 
 
-def run(params: Params, names: list[str], co: bool = False) -> None:
+def run(params: Params, names: list[str], co: bool = False, export: str = "") -> None:
     head = _git("rev-parse", "HEAD")
-    exps, notes = aggregate.experiments(_exp_show(), head.stdout.strip() if head.returncode == 0 else None)
+    live, notes = aggregate.experiments(_exp_show(), head.stdout.strip() if head.returncode == 0 else None)
     for note in notes:
         log(f"aggregate: {note}")
+    if export:
+        _export(export, aggregate.select(live, names) if names else live)
+        return
+    committed, folders = _committed()
+    exps = aggregate.merge(committed, live)
     if names:
         exps = aggregate.select(exps, names)
     if co:
@@ -94,7 +137,7 @@ def run(params: Params, names: list[str], co: bool = False) -> None:
         groups, notes = aggregate.group(exps)
     for note in notes:
         log(f"aggregate: {note}")
-    rep = aggregate.report(groups, _flags(groups))
+    rep = aggregate.report(groups, _flags(groups, folders))
     write_json("metrics/seeds.json", rep)
     write_text("metrics/seeds.md", aggregate.markdown(rep))
     log(f"aggregate: {len(groups)} group(s) of seeds "
