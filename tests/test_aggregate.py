@@ -453,6 +453,10 @@ def test_export_then_aggregate_from_the_committed_evidence_alone(tmp_path, monke
     ro = g["robust_overfitting"]["pgd"]
     assert ro["gap"]["base"]["mcnemar_p"] == [0.0625, None]  # from the committed flags of seed 0
     assert ro["der_gain_last"]["pgd50_acc"]["values"] == pytest.approx([0.03, 0.04])
+    # and where there is nothing to pool, the committed aggregates stay as they are
+    shutil.rmtree(tmp_path / "metrics/studies")
+    assert cli.main(["aggregate", "--co-study"]) == 2
+    assert (tmp_path / "metrics/seeds.json").read_bytes() == outputs[0][0]
 
 
 # ----------------------------------------------------------------------------------------------- end to end

@@ -119,6 +119,9 @@ def run(params: Params, names: list[str], co: bool = False, export: str = "") ->
         return
     committed, folders = _committed()
     exps = aggregate.merge(committed, live)
+    if not exps:  # a clone without refs or evidence: the committed aggregates are all there is, keep them
+        raise UserError(f"no experiments to aggregate: no evidence under {STUDIES}/ and no experiment refs; "
+                        "metrics/seeds.* and metrics/co_study.* left as they are")
     if names:
         exps = aggregate.select(exps, names)
     if co:
