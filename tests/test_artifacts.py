@@ -156,6 +156,7 @@ def test_disk_full_in_the_train_stage_is_one_line_and_exit_2(tmp_path, monkeypat
     monkeypatch.setattr(os, "fsync", full)
     assert cli.main(["--nproc", "1", "train", "co", "base"]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert err[-1] == "energyat train: error: models/base/co/state.pt: cannot write (No space left on device)"
+    assert err[-1] == "energyat train: error: .energyat/state/base/co/state.pt: cannot write (No space left on device)"
     assert not any("Traceback" in line for line in err)
-    assert os.listdir(tmp_path / "models/base/co") == []  # nothing half-written, no temporary file
+    assert os.listdir(tmp_path / ".energyat/state/base/co") == []  # nothing half-written, no temporary file
+    assert not (tmp_path / "models/base/co").exists()

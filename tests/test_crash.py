@@ -22,12 +22,14 @@ import torch
 import yaml
 
 from energyat import cli
+from energyat.stages.train import state_path
 from energyat.train import Trainer
 
 from test_pipeline import ROOT, synthetic_tarball
 
 RUN, VARIANT, EPOCHS = "crash", "der", 6
 OUT = Path("models") / VARIANT / RUN
+STATE = state_path(VARIANT, RUN)  # outside the DVC output, which holds the checkpoints only
 TSV = Path("plots/history") / f"{RUN}.{VARIANT}.tsv"
 METRICS = Path("metrics/train") / f"{RUN}.{VARIANT}.json"
 KILLED = -signal.SIGKILL
@@ -118,19 +120,21 @@ def epochs_done(work: Path) -> int:
 
 
 def outputs(work: Path) -> dict:
-    """What an uninterrupted run is compared on: the run folder's files, the history and the metrics."""
+    """What an uninterrupted run is compared on: the run folder's files (no state.pt among them: it lives in
+    .energyat/state/), the history and the metrics."""
     rows = [line.split("\t") for line in (work / TSV).read_text().splitlines()]
     seconds = rows[0].index("seconds")
     metrics = json.loads((work / METRICS).read_text())
     return {
-        "files": {p.name: p.read_bytes() for p in sorted((work / OUT).iterdir()) if p.name != "state.pt"},
+        "files": {p.name: p.read_bytes() for p in sorted((work / OUT).iterdir())},
         "history": [r[:seconds] + r[seconds + 1:] for r in rows],
         "metrics": {k: v for k, v in metrics.items() if k != "train_seconds"},
     }
 
 
 def strays(work: Path) -> list[str]:
-    return sorted(p.name for d in (work / OUT, work / TSV.parent, work / METRICS.parent) for p in d.glob("*.tmp"))
+    folders = (work / OUT, work / STATE.parent, work / TSV.parent, work / METRICS.parent)
+    return sorted(p.name for d in folders for p in d.glob("*.tmp"))
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +200,7 @@ def test_corrupt_state_restarts_the_run_with_one_line(workspace, capfd, damage):
     base, reference = workspace
     work = clone(base, f"corrupt-{damage}")
     assert finish(train(work, fault=kill_at_step(9))) == KILLED  # first step of epoch 3: state of epoch 2
-    state = work / OUT / "state.pt"
+    state = work / STATE
     data = bytearray(state.read_bytes())
     if damage == "flip":
         data[len(data) // 2] ^= 0xFF
@@ -207,13 +211,16 @@ def test_corrupt_state_restarts_the_run_with_one_line(workspace, capfd, damage):
     assert finish(train(work)) == 0
     log = capfd.readouterr().err.splitlines()
     notes = [line for line in log if "state.pt" in line]
-    assert len(notes) == 1 and notes[0].startswith(f"train {RUN}/{VARIANT}: models/{VARIANT}/{RUN}/state.pt: ")
+    assert len(notes) == 1 and notes[0].startswith(f"train {RUN}/{VARIANT}: {STATE}: ")
     assert notes[0].endswith("; starting the run afresh") and "corrupt" in notes[0]
     assert not any("resuming" in line for line in log)
     assert outputs(work) == reference
 
 
-def test_a_best_checkpoint_changed_outside_the_stage_restarts_the_run(workspace, capfd):
+@pytest.mark.parametrize("damage", ["folder removed", "best.pt replaced"])
+def test_a_removed_or_changed_run_folder_is_rewritten_from_the_state(workspace, capfd, damage):
+    """DVC removes a stage's outputs before it runs the stage (no output is `persist`): the state, kept outside
+    them, rewrites every checkpoint file, an earlier epoch's best pair included, and the run resumes."""
     base, reference = workspace
     head, *rows = reference["history"]
     epoch, der_on, pgd = (head.index(c) for c in ("epoch", "der_on", "val_pgd_acc"))
@@ -226,15 +233,22 @@ def test_a_best_checkpoint_changed_outside_the_stage_restarts_the_run(workspace,
             saved = int(r[epoch])
             break
     assert saved is not None, "the reference run improves every epoch; change its params"
-    work = clone(base, "tampered")
+    work = clone(base, damage.replace(" ", "-"))
     assert finish(train(work, fault=kill_at_step(4 * saved + 1))) == KILLED
     assert json.loads((work / OUT / "best.json").read_text())["epoch"] < saved
-    (work / OUT / "best.pt").write_bytes(b"replaced")
+    if damage == "folder removed":
+        shutil.rmtree(work / OUT)
+        rewritten = "best.json, best.pt, last.json, last.pt"
+        why = "the run folder held none of them: DVC removes a stage's outputs before it runs the stage"
+    else:
+        (work / OUT / "best.pt").write_bytes(b"replaced")
+        rewritten, why = "best.pt", "changed outside this stage"
     capfd.readouterr()
     assert finish(train(work)) == 0
     log = capfd.readouterr().err.splitlines()
-    assert (f"train {RUN}/{VARIANT}: models/{VARIANT}/{RUN}/best.pt differs from the saved state (changed outside "
-            "this stage); starting afresh") in log
+    assert f"train {RUN}/{VARIANT}: rewrote {rewritten} from the saved state ({why})" in log, log
+    assert f"train {RUN}/{VARIANT}: resuming after epoch {saved}/{EPOCHS}" in log
+    assert not any("afresh" in line for line in log)
     assert outputs(work) == reference
 
 
@@ -316,7 +330,8 @@ def test_der_run_forked_from_the_base_run_on_two_ranks_or_killed_after_the_fork(
     assert_close_to_reference(work, base, reference)
 
     work = clone(base, "fork-killed")
-    shutil.copytree(base / "fork-two/.energyat", work / ".energyat")  # the cache, as a second checkout might have it
+    # the fork cache, as a second checkout might have it (not the der run's own state beside it)
+    shutil.copytree(base / "fork-two/.energyat/fork", work / ".energyat/fork")
     assert finish(train(work, fault=kill_at_step(1))) == KILLED  # the fork's state.pt is committed, then killed
     assert fork_line in capfd.readouterr().err.splitlines()
     assert finish(train(work)) == 0

@@ -1,4 +1,5 @@
-"""End to end: the real `dvc repro` of a tiny configuration in a temporary copy of the repository."""
+"""End to end: the real `dvc repro` of a tiny configuration in a temporary copy of the repository, then the
+`dvc exp run -S der.lambda=...` round trip that DVC's run-cache answers without running a stage."""
 from __future__ import annotations
 
 import io
@@ -8,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 COPY_IGNORE = shutil.ignore_patterns(".venv", ".git", "data", "models", "metrics", "plots", "__pycache__",
-                                     "*.egg-info", ".pytest_cache", "tmp", "cache", "dvc.lock")
+                                     "*.egg-info", ".pytest_cache", "tmp", "cache", "dvc.lock",
+                                     ".energyat", ".gpu", ".cache")  # resume states, fork and block scratch
 
 
 def synthetic_tarball(path: Path, classes: int = 10, per_class: int = 16, size: int = 28) -> None:
@@ -54,17 +57,54 @@ def tiny_params(tarball: Path) -> dict:
     return raw
 
 
+GIT_ENV = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com", "GIT_COMMITTER_NAME": "test",
+           "GIT_COMMITTER_EMAIL": "test@example.com"}
+
+
 def dvc(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", **GIT_ENV}
     proc = subprocess.run([str(BIN / "dvc"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
+
+
+def git(cwd: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=cwd, env={**os.environ, **GIT_ENV}, check=True, capture_output=True)
+
+
+def fingerprint(repo: Path) -> dict[str, bytes]:
+    """Every pipeline output file, git-tracked or DVC-cached, by path: what a restore must give back."""
+    roots = ["metrics", "plots", "models", "data/pca", "data/samples", "docs/paper.md", "docs/figures/paper"]
+    files = [q for root in roots for q in ([repo / root] if (repo / root).is_file() else (repo / root).rglob("*"))]
+    return {str(f.relative_to(repo)): f.read_bytes() for f in files if f.is_file()}
+
+
+def test_every_stage_can_be_restored_from_the_run_cache(tmp_path):
+    """DVC saves a stage's run to its run-cache only if no output is `persist` (dvc/stage/cache.py, _can_hash) and
+    every `cache: false` output is a metric or a plot (dvc/stage/__init__.py, Stage.run). Metrics are JSON of
+    numbers: a per-example flags file is a plot, or `dvc metrics show` would print its strings of 0/1."""
+    from dvc.repo import Repo
+
+    shutil.copyfile(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    shutil.copyfile(ROOT / "params.yaml", tmp_path / "params.yaml")
+    Repo.init(tmp_path, no_scm=True).close()
+    with Repo(tmp_path) as repo:
+        stages = list(repo.index.stages)
+        assert len(stages) > 10
+        for stage in stages:
+            assert not [o.def_path for o in stage.outs if o.persist], stage.addressing
+            in_git = [o for o in stage.outs if not o.use_cache]
+            assert not [o.def_path for o in in_git if not (o.is_metric or o.is_plot)], stage.addressing
+            for out in stage.outs:
+                if out.is_metric:
+                    assert out.def_path.endswith(".json") and not out.def_path.endswith(".flags.json"), out.def_path
 
 
 @pytest.mark.slow
 def test_dvc_repro_tiny_pipeline(tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(ROOT, repo, ignore=COPY_IGNORE)
+    shutil.copytree(ROOT / "metrics/paper", repo / "metrics/paper")  # the paper-report stage's committed input
     synthetic_tarball(tmp_path / "toy.tar.gz")
     (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params(tmp_path / "toy.tar.gz"), sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
@@ -103,9 +143,35 @@ def test_dvc_repro_tiny_pipeline(tmp_path):
     assert json.loads((repo / "models/der/pgd/best.json").read_text())["epoch"] == 2
 
     # a DER-only change invalidates the DER half and what depends on it, never the base runs
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["der"]["lambda"] = 2.5
+    tiny = (repo / "params.yaml").read_text()
+    params = yaml.safe_load(tiny)
+    original, params["der"]["lambda"] = params["der"]["lambda"], 2.5
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = json.loads(dvc(repo, "status", "--json").stdout)
     assert {"train-der@fgsm", "train-der@pgd"} <= set(status)
     assert not {"prepare", "train-standard", "train@fgsm", "train@pgd", "pca", "evaluate@fgsm-base"} & set(status)
+
+    # the run-cache: DER weight 2, then back to the original, restores every stage without running one
+    (repo / "params.yaml").write_text(tiny)
+    assert json.loads(dvc(repo, "status", "--json").stdout) == {}
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "tiny pipeline")
+    before = fingerprint(repo)
+    assert not any(name.endswith("state.pt") for name in before)  # the resume state is in .energyat/state/
+    der = dvc(repo, "exp", "run", "-S", "der.lambda=2")
+    ran = {line.split("'")[1] for line in der.stdout.splitlines() if line.startswith("Running stage '")}
+    assert {"train-der@fgsm", "train-der@pgd", "evaluate@pgd-der", "report"} <= ran
+    assert not {"prepare", "train-standard", "train@fgsm", "train@pgd", "pca", "evaluate@fgsm-base"} & ran
+    assert fingerprint(repo)["metrics/train/fgsm.der.json"] != before["metrics/train/fgsm.der.json"]
+    states = {f: f.stat().st_mtime_ns for f in (repo / ".energyat/state").rglob("state.pt")}
+    assert len(states) == 5  # every train stage's resume state, outside its output
+    time.sleep(0.01)  # (an mtime any later write would change)
+    # the value as params.yaml writes it (1.0): DVC's run-cache key tells 1 from 1.0
+    back = dvc(repo, "exp", "run", "-S", f"der.lambda={original!r}")
+    assert "Running stage" not in back.stdout, back.stdout
+    cached = {line.split("'")[1] for line in back.stdout.splitlines() if "is cached - skipping run" in line}
+    assert ran <= cached, back.stdout
+    assert "/der epoch" not in back.stderr  # no train stage ran ...
+    assert {f: f.stat().st_mtime_ns for f in states} == states  # ... nor touched its state
+    assert fingerprint(repo) == before  # every output back, to the byte: checkpoints, metrics, flags, tables, plots
+    assert json.loads(dvc(repo, "status", "--json").stdout) == {}

@@ -2,6 +2,7 @@
 import copy
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -62,6 +63,22 @@ def test_der_changes_training_only_when_on(splits):
     der, _ = final_weights(splits, run_cfg(method="pgd", steps=2, der={"lambda": 5.0}), True)
     torch.testing.assert_close(base, der0)  # λ = 0 is exactly the base objective
     assert not torch.allclose(base, der)
+
+
+@pytest.mark.parametrize("method", ["pgd", "fgsm"])
+def test_base_and_der_runs_take_diagnostics_on_the_same_batches(splits, method):
+    """With λ = 0 a DER run trains the base run's model (bit-identically), so every diagnostic column must agree in
+    every epoch, DER on or off: both average over the same batches (every diag_every-th), although DER epochs
+    have the natural logits of every batch at hand."""
+    cfg = dict(method=method, steps=2, diag_every=2, der={"lambda": 0.0, "start_epoch": 2})
+    base_w, base = final_weights(splits, run_cfg(**cfg), False)
+    der_w, der = final_weights(splits, run_cfg(**cfg), True)
+    assert torch.equal(base_w, der_w)
+    assert [r["der_on"] for r in der] == ([0, 1, 1] if method == "pgd" else [1, 1, 1])
+    columns = [c for c in HISTORY_COLUMNS if c not in ("der_on", "seconds")]
+    as_text = lambda h: json.dumps([[r[c] for c in columns] for r in h])  # noqa: E731  (NaN cells compare equal)
+    assert as_text(base) == as_text(der)
+    assert all(not math.isnan(r["dE_x"]) for r in base)
 
 
 def test_single_step_der_acts_on_abnormal_examples_only(splits):
@@ -218,11 +235,15 @@ def test_train_stage_resumes_from_its_state_file(splits, tmp_path, monkeypatch):
 
         return real_fit(*args[:-1], stop_after_one, **kwargs)
 
-    (tmp_path / "models/der/co/state.pt").unlink()  # start the second run from scratch
+    # the resume state lives outside the DVC output (models/der/co holds the checkpoints only)
+    assert sorted(p.name for p in (tmp_path / "models/der/co").iterdir()) == ["best.json", "best.pt", "last.json",
+                                                                             "last.pt"]
+    train_stage.state_path("der", "co").unlink()  # start the second run from scratch
     monkeypatch.setattr(train_stage, "fit", fit_interrupted)
     with pytest.raises(KeyboardInterrupt):
         train_stage.run(params, "co", "der")
     assert json.loads((tmp_path / "models/der/co/last.json").read_text())["epoch"] == 1
+    shutil.rmtree(tmp_path / "models/der/co")  # as DVC removes a stage's outputs before running it
     monkeypatch.setattr(train_stage, "fit", real_fit)
     train_stage.run(params, "co", "der")
     resumed_metrics = json.loads((tmp_path / "metrics/train/co.der.json").read_text())
