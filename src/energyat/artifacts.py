@@ -140,6 +140,16 @@ def missing(path: str | Path) -> UserError:
     return UserError(f"{path}: file not found (run the stage that makes it first)")
 
 
+def read_tsv(path: str | Path) -> list[dict[str, float]]:
+    """A numeric TSV with a header (a per-epoch history) as rows; an empty cell is nan."""
+    path = Path(path)
+    if not path.is_file():
+        raise missing(path)
+    header, *lines = path.read_text().splitlines()
+    names = header.split("\t")
+    return [{k: float(v) if v else float("nan") for k, v in zip(names, line.split("\t"))} for line in lines if line]
+
+
 def read_json(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():

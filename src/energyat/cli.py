@@ -29,6 +29,7 @@ STAGES: dict[str, tuple[str, tuple[str, ...], str]] = {
     "score": ("score", (), "IS / FID / diversity of the samples"),
     "report": ("report", (), "summary metrics and the CO / RO / training tables"),
     "paper-report": ("paper_report", (), "docs/paper.md from the paper-setting evidence in metrics/paper/"),
+    "study-figures": ("study_figures", (), "figures of the CO and RO studies from their committed aggregates"),
     "bench": ("bench", (), "training and AutoAttack speed -> metrics/bench.json (not a dvc.yaml stage)"),
     "aggregate": ("aggregate", ("names...", "--co-study", "--export"),
                   "pool seeds from DVC experiments -> metrics/seeds.* or co_study.* (not a dvc.yaml stage)"),

@@ -1,11 +1,10 @@
 """Stage `paper-report`: docs/paper.md and metrics/paper.json from the block evidence committed under metrics/paper/."""
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 from .. import paper_blocks, paper_report
-from ..artifacts import read_json, save_figure, write_json, write_text
+from ..artifacts import read_json, read_tsv, save_figure, write_json, write_text
 from ..errors import UserError
 from ..runtime import log
 
@@ -23,16 +22,11 @@ def read_evidence(root: Path = EVIDENCE) -> dict:
             raise UserError(f"{record}: unknown block {block!r}; known: {', '.join(paper_blocks.names())}")
         meta = read_json(record)
         jobs = {job: {**{part: read_json(record.parent / f"{job}.{suffix}") for part, suffix in PARTS.items()},
-                      "history": _history(record.parent / f"{job}.history.tsv")}
+                      "history": read_tsv(record.parent / f"{job}.history.tsv")}
                 for job, status in meta.get("jobs", {}).items() if status.get("status") == "done"}
         if jobs:
             evidence.setdefault(block, {})[seed] = {"block": meta, "jobs": jobs}
     return evidence
-
-
-def _history(path: Path) -> list[dict]:
-    with path.open() as f:
-        return [{k: float(v) if v else float("nan") for k, v in row.items()} for row in csv.DictReader(f, delimiter="\t")]
 
 
 def summary(evidence: dict) -> dict:

@@ -1,5 +1,6 @@
 """Stage `report`: metrics/summary.json, the CO / RO tables (metrics/co_table.md, metrics/ro_table.md) and the
-training table (metrics/train_table.md).
+training table (metrics/train_table.md), and plots/report/histories.png (every run's per-epoch history, base and DER
+overlaid).
 
 Reads metrics/eval/*.json (accuracies with Wilson intervals, and the per-example flags from which the paired
 DER − base and best − last tests are computed), metrics/train/*.json and, when present, metrics/score.json
@@ -9,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import report
-from ..artifacts import read_json, write_json, write_text
+from .. import history_figures, report
+from ..artifacts import read_json, read_tsv, save_figure, write_json, write_text
 from ..params import VARIANTS, Params
 from ..runtime import log
 
@@ -33,4 +34,7 @@ def run(params: Params) -> None:
     write_text("metrics/co_table.md", co)
     write_text("metrics/ro_table.md", ro)
     write_json("metrics/summary.json", summary)
+    histories = {(r, v): read_tsv(f"plots/history/{r}.{v}.tsv") for r, v in [("standard", "base"), *pairs]}
+    save_figure("plots/report/histories.png",
+                history_figures.histories_figure(histories, {"standard": "standard", **methods}))
     log(f"report: {len(summary)} summary keys{' (with score.json)' if score else ''}\n\n{co}\n{ro}")
