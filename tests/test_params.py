@@ -51,6 +51,10 @@ def test_repo_params_load_and_resolve_runs():
     ("runs.fgsm.model", {"arch": "wrn-28-10", "width": 64}, "runs.fgsm.model.width: 64 is not allowed with arch"),
     ("model.hidden", 512, None),
     ("evaluate.checkpoints", ["best", "middle"], "evaluate.checkpoints: 'middle' is not allowed"),
+    ("evaluate.apgd_examples", -1, "evaluate.apgd_examples: -1 is not allowed; must be >= 0"),
+    ("evaluate.apgd_examples", 2.5, "evaluate.apgd_examples: 2.5 is not an integer"),
+    ("evaluate.apgd_examples", 0, None),  # off
+    ("evaluate.apgd_examples", 20000, None),  # more than n_examples: all of them (a shrunk n keeps "all")
     ("device", "tpu", "device: 'tpu' is not allowed; allowed: auto, cpu, cuda, cuda:<index>"),
     ("device", "cuda:x", "device: 'cuda:x' is not allowed"),
     ("device", "cuda:1", None),
@@ -185,7 +189,13 @@ def test_paper_preset_resolves_to_the_published_recipe():
     for name in p.run_names():
         single = METHODS[p.run(name).train.method].single_step
         assert single == (p.run(name).train.method in ("rs-fgsm", "n-fgsm"))
-    assert p.evaluate.n_examples == p.evaluate.aa_examples == 10_000
+    assert p.evaluate.n_examples == p.evaluate.aa_examples == 10_000 and p.evaluate.apgd_examples == 0  # AA has APGD
+
+
+@pytest.mark.parametrize("preset", ["co-cifar10.yaml", "co-fashion-mnist.yaml"])
+def test_co_presets_run_apgd_on_every_evaluated_image(preset):
+    p = P.load(ROOT / "presets" / preset)
+    assert p.evaluate.apgd_examples == p.evaluate.n_examples == 500
 
 
 def test_one_named_gpu_cannot_hold_several_ranks():

@@ -1,10 +1,13 @@
 """Robust accuracy: PGD restarts and their per-block seeds, the AutoAttack adapter (one official standard call per
-block, its own checks and warnings, the settings it ran with), sharding over gloo ranks, the PGD/AutoAttack
-cross-check, and the evaluate stage on checkpoints made here (good, gradient-masked and bad ones)."""
+block, its own checks and warnings, the settings it ran with) and APGD-CE + APGD-T through it with the standard
+settings, sharding over gloo ranks, the per-image worst case, the paired PGD/APGD attack check, and the evaluate
+stage on checkpoints made here (good, gradient-masked and bad ones)."""
 from __future__ import annotations
 
 import json
+import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,22 +124,107 @@ def test_autoattack_counts_come_from_its_own_run(robust_mlp, aa_result, capsys):
     assert set(r.seconds) == set(r.robust_after)
 
 
-def test_pgd_and_autoattack_crosscheck_on_a_robust_model(robust_mlp, aa_result):
+def test_apgd_runs_autoattacks_first_two_attacks_with_the_standard_settings(robust_mlp, aa_result):
     model, x, y = robust_mlp
-    pgd = robustness.pgd_correct(model, x, y, EPS, steps=50, restarts=10, block=250, seed=0).float().mean().item()
-    check = robustness.crosscheck(pgd, aa_result.acc_after["apgd-ce"], aa_result.accuracy, len(y))
-    assert check["tolerance"] == pytest.approx(max(0.02, 2 * (pgd * (1 - pgd) / 200) ** 0.5))
-    assert abs(check["apgdce_gap"]) <= check["tolerance"] and check["aa_over_pgd"] <= check["tolerance"]
-    assert check["passed"]
+    apgd = robustness.run_apgd(model, x, y, EPS, seed=0, block=250)
+    s = apgd.settings
+    assert (s["version"], s["attacks"]) == ("custom", ["apgd-ce", "apgd-t"])
+    assert (s["apgd-ce.n_iter"], s["apgd-ce.n_restarts"], s["apgd-ce.loss"]) == (100, 1, "ce")
+    assert (s["apgd-t.n_iter"], s["apgd-t.n_restarts"], s["apgd-t.n_target_classes"]) == (100, 1, 9)
+    assert s["apgd-ce.rho"] == s["apgd-t.rho"] == 0.75 and s["apgd-ce.eot_iter"] == s["apgd-t.eot_iter"] == 1
+    # every APGD setting equals the one the standard version holds: read back from a standard object, as built
+    standard = robustness.autoattack_settings(robustness.make_autoattack(model, EPS, seed=0))
+    assert {k: v for k, v in s.items() if k.startswith("apgd-")} == \
+        {k: v for k, v in standard.items() if k.startswith("apgd-")}
+    common = ("package", "norm", "eps", "seed")
+    assert {k: s[k] for k in common} == {k: standard[k] for k in common}
+    assert not any(k.startswith(("fab-t.", "square.")) for k in s)  # settings of attacks that did not run: not recorded
+    # and it runs as the standard version runs them: same seed, same block -> the same counts after each attack
+    assert apgd.robust_after == {a: aa_result.robust_after[a] for a in ("apgd-ce", "apgd-t")}
+    assert apgd.clean == aa_result.clean and not (aa_result.robust & ~apgd.robust).any()
+    assert apgd.warnings == 0 and apgd.log[0] == "-- block 0: images 0-199"
+    assert set(apgd.seconds) == {"apgd-ce", "apgd-t"}
 
 
-def test_crosscheck_tolerance_and_failures():
-    assert robustness.crosscheck_tolerance(0.5, 100) == pytest.approx(0.1)
-    assert robustness.crosscheck_tolerance(0.99, 10000) == pytest.approx(0.02)  # the 2-point floor
-    assert robustness.crosscheck_tolerance(0.0, 500) == pytest.approx(0.02)
-    assert not robustness.crosscheck(0.50, 0.40, 0.40, 1000)["passed"]  # APGD-CE far weaker... or stronger
-    assert not robustness.crosscheck(0.40, 0.41, 0.50, 1000)["passed"]  # AA above PGD
-    assert robustness.crosscheck(0.40, 0.41, 0.39, 1000)["passed"]
+def test_worst_case_is_correct_under_every_evaluation_that_covers_the_image():
+    b = lambda text: torch.tensor([c == "1" for c in text])  # noqa: E731
+    # image 0: correct under all; 1: APGD broke it; 2: AutoAttack; 3: PGD-20; 4: PGD-50; 5: misclassified clean;
+    # 6: beyond APGD's 6 and AutoAttack's 4 images, correct under what covers it; 7: PGD-50 broke it
+    flags = {"clean": b("11111011"), "pgd20": b("11101011"), "pgd50": b("11110010"),
+             "apgd": b("101110"),  # the first 6 images
+             "aa": b("1101")}  # the first 4
+    assert robustness.worst_case(flags, 6).tolist() == [True] + [False] * 5
+    assert robustness.worst_case(flags, 8).tolist() == [c == "1" for c in "10000010"]
+    assert robustness.worst_case({"clean": b("1101")}, 4).tolist() == [True, True, False, True]
+
+
+def test_attack_check_counts_discordant_images_and_tests_one_sided():
+    b = lambda text: torch.tensor([c == "1" for c in text])  # noqa: E731
+    check = evaluate.attack_check(b("1111110000" + "1" * 12), b("1100111100" + "0" * 12))
+    # PGD left images 2, 3 and the last 12 standing that APGD broke; APGD left 6 and 7 that PGD broke
+    assert (check["n"], check["pgd_missed"], check["apgd_missed"]) == (22, 14, 2)
+    # P(X >= 14) for X ~ Binomial(16, 1/2)
+    assert check["p"] == pytest.approx(sum(math.comb(16, k) for k in range(14, 17)) / 2 ** 16)
+    assert evaluate.attack_check(b("1" * 12), b("0" * 12))["p"] == pytest.approx(0.5 ** 12)
+    assert evaluate.attack_check(b("0" * 12), b("1" * 12))["p"] == 1.0  # APGD the weaker: no evidence against PGD
+    assert evaluate.attack_check(b("1100"), b("1100")) == {"n": 4, "pgd_missed": 0, "apgd_missed": 0, "p": 1.0}
+    assert stats.binomial_excess_p(0, 0) == 1.0 and stats.binomial_excess_p(3, 3) > 0.5
+
+
+class SaturatedLogits(nn.Module):
+    """A model's logits times 1000: the same predictions, but the softmax saturates in float32, so that the
+    cross-entropy gradient w.r.t. the input is exactly 0 on every image with a logit margin above ~0.1. PGD-CE's
+    signed steps (sign 0) and APGD-CE then stand still from their start; APGD-T's targeted DLR loss, a ratio of logit
+    differences that no scale changes, still has its gradient (the failure DLR was designed for, Croce & Hein 2020)."""
+
+    def __init__(self, model: nn.Module, scale: float = 1000.0):
+        super().__init__()
+        self.model, self.scale = model, scale
+
+    def forward(self, x):
+        return self.scale * self.model(x)
+
+
+def test_the_check_trips_on_saturated_logits(robust_mlp):
+    model, x, y = robust_mlp
+    masked = SaturatedLogits(model).eval()
+    clean = robustness.clean_correct(masked, x, y, 250)
+    pgd = robustness.pgd_correct(masked, x, y, EPS, steps=50, restarts=10, block=250, seed=0)
+    apgd = robustness.run_apgd(masked, x, y, EPS, seed=0, block=250)
+    assert pgd.sum() >= clean.sum() - 5  # 10 PGD runs break (next to) nothing: the gradient is masked
+    assert apgd.robust_after["apgd-ce"] >= apgd.clean - 5  # nor does APGD-CE (the same CE loss)
+    assert apgd.robust_after["apgd-t"] < 0.8 * apgd.clean  # APGD-T breaks what an unmasked attack would
+    check = evaluate.attack_check(pgd, apgd.robust)
+    assert check["pgd_missed"] > 30 and check["apgd_missed"] == 0 and check["p"] < 1e-9
+    # the same PGD on the unmasked model is as strong as APGD: the check passes there
+    pgd = robustness.pgd_correct(model, x, y, EPS, steps=50, restarts=10, block=250, seed=0)
+    assert evaluate.attack_check(pgd, robustness.run_apgd(model, x, y, EPS, seed=0, block=250).robust)["p"] >= 0.01
+
+
+def test_the_check_passes_a_plainly_trained_model_under_pgd_with_restarts():
+    """A plain MLP (no adversarial training) at an eps that leaves ~60 % standing: PGD-50 with 10 random starts and
+    APGD break the same images, bar a couple. With a single start PGD-50 misses a dozen that APGD-T's 9 targeted runs
+    break: the check tests attack strength, whatever its cause, so a one-restart PGD trips it given enough images."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    x, y = mlp_task(2000, seed=0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(10):
+        for i in range(0, len(x), 100):
+            loss = F.cross_entropy(model(x[i:i + 100]), y[i:i + 100])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    x, y = mlp_task(200, seed=1)
+    eps = 0.08
+    apgd = robustness.run_apgd(model, x, y, eps, seed=0, block=250)
+    assert robustness.clean_correct(model, x, y, 250).all() and 0.4 < apgd.accuracy < 0.8
+    check = evaluate.attack_check(robustness.pgd_correct(model, x, y, eps, 50, 10, block=250, seed=0), apgd.robust)
+    assert check["pgd_missed"] <= 3 and check["p"] >= 0.1
+    one = evaluate.attack_check(robustness.pgd_correct(model, x, y, eps, 50, 1, block=250, seed=0), apgd.robust)
+    assert one["pgd_missed"] >= 10 and one["apgd_missed"] == 0 and one["p"] < 0.01
 
 
 def test_robustness_refuses_a_model_in_train_mode(robust_mlp):
@@ -236,7 +324,8 @@ PARAMS = {
     "runs": {"fgsm": {"method": "fgsm", "eps": 0.3}},
     "sample": {"run": "fgsm"},
     "threads": 1,
-    "evaluate": {"n_examples": 24, "aa_examples": 12, "batch_size": 8, "pgd_steps": [2, 5], "restarts": 2},
+    "evaluate": {"n_examples": 24, "aa_examples": 12, "apgd_examples": 16, "batch_size": 8, "pgd_steps": [2, 5],
+                 "restarts": 2},
 }
 
 
@@ -257,8 +346,9 @@ def test_evaluate_stage_writes_metrics_intervals_and_flags(workdir):
 
     out = json.loads((root / "metrics/eval/fgsm.base.json").read_text())
     flags = json.loads((root / "metrics/eval/fgsm.base.flags.json").read_text())
-    assert {k: flags[k] for k in ("format", "split", "n", "aa_n", "test_sha256")} == \
-        {"format": "energyat-flags/1", "split": "test", "n": 24, "aa_n": 12, "test_sha256": meta["files"]["test"]}
+    assert {k: flags[k] for k in ("format", "split", "n", "apgd_n", "aa_n", "worst_n", "test_sha256")} == \
+        {"format": "energyat-flags/1", "split": "test", "n": 24, "apgd_n": 16, "aa_n": 12, "worst_n": 16,
+         "test_sha256": meta["files"]["test"]}
     x, y = prepared(root, "test")
     x, y = x[:24], y[:24]
     for ck, model in (("best", best), ("last", last)):
@@ -266,8 +356,8 @@ def test_evaluate_stage_writes_metrics_intervals_and_flags(workdir):
         # the PGD flags are the library's, block by block with the params seed
         pgd5 = robustness.pgd_correct(model, x, y, 0.3, 5, 2, block=8, seed=0)
         assert flags[f"{ck}.pgd5"] == "".join("1" if c else "0" for c in pgd5.tolist())
-        assert len(flags[f"{ck}.aa"]) == 12
-        for name, n in (("clean", 24), ("pgd2", 24), ("pgd5", 24), ("aa", 12)):
+        assert (len(flags[f"{ck}.aa"]), len(flags[f"{ck}.apgd"]), len(flags[f"{ck}.worst"])) == (12, 16, 16)
+        for name, n in (("clean", 24), ("pgd2", 24), ("pgd5", 24), ("aa", 12), ("apgd", 16), ("worst", 16)):
             correct = flags[f"{ck}.{name}"].count("1")
             lo, hi = stats.wilson(correct, n)
             assert out[f"{ck}.{name}_acc"] == round(correct / n, 4)
@@ -276,13 +366,30 @@ def test_evaluate_stage_writes_metrics_intervals_and_flags(workdir):
         assert not any(a and c == "0" for a, c in zip(aa, flags[f"{ck}.clean"]))  # robust implies correct
         assert out[f"{ck}.aa.square_acc"] == out[f"{ck}.aa_acc"] and out[f"{ck}.aa.warnings"] == 0
         assert out[f"{ck}.aa.clean_acc"] == round(flags[f"{ck}.clean"][:12].count("1") / 12, 4)
-        # the cross-check compares PGD with AutoAttack on AutoAttack's 12 images
-        assert out[f"{ck}.check.aa_over_pgd"] == round(out[f"{ck}.aa_acc"] - flags[f"{ck}.pgd5"][:12].count("1") / 12, 4)
-    assert (out["n_examples"], out["aa_examples"], out["eps"], out["best.epoch"], out["last.epoch"]) == (24, 12, 0.3, 2, 3)
+        assert out[f"{ck}.apgd.apgd-t_acc"] == out[f"{ck}.apgd_acc"] and out[f"{ck}.apgd.warnings"] == 0
+        # worst case, image by image on the first 16: clean, PGD-2, PGD-5, APGD (16 images), AutoAttack (first 12)
+        f = {name: [c == "1" for c in flags[f"{ck}.{name}"]]
+             for name in ("clean", "pgd2", "pgd5", "apgd", "aa", "worst")}
+        assert f["worst"] == [all(f[name][i] for name in ("clean", "pgd2", "pgd5", "apgd")) and (i >= 12 or f["aa"][i])
+                              for i in range(16)]
+        # the attack check pairs PGD-5 with APGD + AutoAttack on those 16 images
+        strong = [f["apgd"][i] and (i >= 12 or f["aa"][i]) for i in range(16)]
+        missed = (sum(p and not s for p, s in zip(f["pgd5"], strong)),
+                  sum(s and not p for p, s in zip(f["pgd5"], strong)))
+        assert (out[f"{ck}.check.n"], out[f"{ck}.check.pgd_missed"], out[f"{ck}.check.apgd_missed"]) == (16, *missed)
+        assert out[f"{ck}.check.p"] == float(f"{stats.binomial_excess_p(*missed):.4g}")
+        assert not any(k.startswith(f"{ck}.check.") and k[len(ck) + 7:] not in ("n", "pgd_missed", "apgd_missed", "p")
+                       for k in out)
+    assert (out["n_examples"], out["apgd_examples"], out["aa_examples"], out["worst_examples"], out["eps"],
+            out["best.epoch"], out["last.epoch"]) == (24, 16, 12, 16, 0.3, 2, 3)
     assert (out["aa.package"], out["aa.version"], out["aa.attacks"], out["aa.square.n_queries"]) == \
         ("pyautoattack 0.2.0", "standard", "apgd-ce,apgd-t,fab-t,square", 5000)
+    assert (out["apgd.version"], out["apgd.attacks"], out["apgd.apgd-t.n_target_classes"], out["apgd.apgd-ce.n_iter"],
+            out["apgd.apgd-ce.n_restarts"]) == ("custom", "apgd-ce,apgd-t", 9, 100, 1)
     text = (root / "metrics/eval/fgsm.base.autoattack.log").read_text()
-    assert text.startswith("== best\n-- block 0: images 0-7\n") and "-- block 1: images 8-11" in text
+    assert text.startswith("== best: APGD-CE + APGD-T, first 16 images\n-- block 0: images 0-7\n")
+    assert "== best: standard AutoAttack, first 12 images\n-- block 0: images 0-7\n" in text
+    assert "-- block 1: images 8-11" in text and "-- block 1: images 8-15" in text
 
 
 class Quantise(nn.Module):
@@ -292,8 +399,8 @@ class Quantise(nn.Module):
         return torch.round(x * 2) / 2
 
 
-def test_a_gradient_masked_model_gets_autoattacks_warning_into_the_metrics(workdir, monkeypatch):
-    root, meta = workdir
+def fitted_linear(root) -> nn.Module:
+    """A linear classifier fitted to the fake training split (clean accuracy ~100 %, no robustness at eps 0.3)."""
     torch.manual_seed(0)
     linear = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
     x, y = prepared(root, "train")
@@ -303,21 +410,53 @@ def test_a_gradient_masked_model_gets_autoattacks_warning_into_the_metrics(workd
         opt.zero_grad()
         loss.backward()
         opt.step()
-    masked = nn.Sequential(Quantise(), linear).eval()
-    # the stage loads this model for every checkpoint (the architecture registry has no masked network)
-    monkeypatch.setattr(checkpoint, "load", lambda path, expect: (masked, {"sha256": "masked", "epoch": 3}))
-    params = parse({**PARAMS, "evaluate": {"n_examples": 16, "aa_examples": 16, "batch_size": 16,
-                                           "pgd_steps": [5], "restarts": 1, "checkpoints": ["last"]}})
-    evaluate.run(params, "fgsm", "base")
+    return linear
 
-    out = json.loads((root / "metrics/eval/fgsm.base.json").read_text())
+
+def evaluate_as_checkpoint(monkeypatch, model: nn.Module, evaluate_params: dict) -> dict:
+    """Run the stage on `model` for checkpoint `last` (the architecture registry has no masked network: the stage's
+    loader is replaced); returns the metrics JSON."""
+    monkeypatch.setattr(checkpoint, "load", lambda path, expect: (model.eval(), {"sha256": "masked", "epoch": 3}))
+    evaluate.run(parse({**PARAMS, "evaluate": {"checkpoints": ["last"], **evaluate_params}}), "fgsm", "base")
+    return json.loads(Path("metrics/eval/fgsm.base.json").read_text())
+
+
+def test_a_gradient_masked_model_gets_autoattacks_warning_into_the_metrics(workdir, monkeypatch, capsys):
+    root, meta = workdir
+    masked = nn.Sequential(Quantise(), fitted_linear(root))
+    out = evaluate_as_checkpoint(monkeypatch, masked, {"n_examples": 16, "aa_examples": 16, "batch_size": 16,
+                                                       "pgd_steps": [5], "restarts": 1})
     log = (root / "metrics/eval/fgsm.base.autoattack.log").read_text().splitlines()
-    # the gradient attacks (ours and AutoAttack's) break nothing; the black-box Square breaks it all
+    # the gradient attacks (ours, APGD and AutoAttack's) break nothing; the black-box Square breaks it all
     assert out["last.clean_acc"] == out["last.pgd5_acc"] == out["last.aa.apgd-ce_acc"] == out["last.aa.fab-t_acc"] == 1
-    assert out["last.aa.square_acc"] == out["last.aa_acc"] == 0
-    squares = [line for line in log if line.startswith("warning: Square Attack has decreased the robust accuracy")]
+    assert out["apgd_examples"] == 16  # the default 200, capped at the 16 images evaluated
+    assert out["last.apgd_acc"] == out["last.apgd.apgd-ce_acc"] == 1
+    assert out["last.aa.square_acc"] == out["last.aa_acc"] == out["last.worst_acc"] == 0
+    aa_log = log[log.index("== last: standard AutoAttack, first 16 images"):]
+    squares = [line for line in aa_log if line.startswith("warning: Square Attack has decreased the robust accuracy")]
     assert len(squares) == 1
-    assert out["last.aa.warnings"] == sum(line.startswith("warning:") for line in log) > 1  # + zero-gradient ones
+    assert out["last.aa.warnings"] == sum(line.startswith("warning:") for line in aa_log) > 1  # + zero-gradient ones
+    assert out["last.apgd.warnings"] == sum(line.startswith("warning:") for line in log) - out["last.aa.warnings"] > 0
+    # the attack check: all 16 images stood up to PGD and fell to AutoAttack, p = 2^-16
+    assert (out["last.check.pgd_missed"], out["last.check.apgd_missed"], out["last.check.p"]) == (16, 0, 1.526e-05)
+    err = capsys.readouterr().err.splitlines()
+    assert "evaluate fgsm/base: warning: last: PGD missed 16 images that APGD/AutoAttack broke (p = 1.5e-05): " \
+           "report worst_acc" in err
+
+
+def test_evaluate_warns_when_pgd_misses_what_apgd_breaks(workdir, monkeypatch, capsys):
+    """Saturated logits: our PGD (and APGD-CE) get a zero gradient, APGD-T breaks the model; no AutoAttack."""
+    root, meta = workdir
+    out = evaluate_as_checkpoint(monkeypatch, SaturatedLogits(fitted_linear(root)),
+                                 {"n_examples": 24, "apgd_examples": 24, "aa_examples": 12, "autoattack": False,
+                                  "batch_size": 24, "pgd_steps": [5], "restarts": 1})
+    assert (out["apgd_examples"], out["aa_examples"], out["worst_examples"]) == (24, 0, 24)
+    assert out["last.pgd5_acc"] > 0.8 and out["last.apgd.apgd-ce_acc"] > 0.8 and out["last.apgd_acc"] == 0
+    assert out["last.worst_acc"] == 0 and "last.aa_acc" not in out
+    missed, p = out["last.check.pgd_missed"], out["last.check.p"]
+    assert missed > 18 and out["last.check.apgd_missed"] == 0 and p == float(f"{0.5 ** missed:.4g}") < 0.01
+    assert f"evaluate fgsm/base: warning: last: PGD missed {missed} images that APGD broke (p = {p:.2g}): report " \
+           "worst_acc" in capsys.readouterr().err.splitlines()
 
 
 def test_evaluate_reuses_identical_checkpoints_and_evaluates_standard_at_train_eps(workdir):

@@ -2,8 +2,9 @@
 
 Pure functions over what the stages wrote (metrics/eval, its per-example flags, metrics/train, metrics/score.json);
 nothing expensive is recomputed. Keys: `standard.<metric>`, `co.<run>.<variant>.<metric>` (final checkpoint),
-`ro.<run>.<variant>.<checkpoint>.<metric>`, each accuracy with its Wilson 95 % interval (`<metric>_lo`,
-`<metric>_hi`) and `aa_warnings`; `*.der_gain.*` (DER minus base on the same images) and, for multi-step runs,
+`ro.<run>.<variant>.<checkpoint>.<metric>`, each accuracy (clean, PGD-k, AutoAttack and `worst_acc`, the per-image
+worst case over them and APGD) with its Wilson 95 % interval (`<metric>_lo`, `<metric>_hi`) and `aa_warnings`;
+`*.der_gain.*` (DER minus base on the same images) and, for multi-step runs,
 `ro.<run>.<variant>.best_minus_last.*`, each difference with Newcombe's paired 95 % interval (`_lo`, `_hi`), exact
 McNemar p-value (`_p`) and, for the differences the CO / RO table shows, that p Holm-adjusted over the table's
 Δ cells (`_p_holm`); plus score.json's own keys.
@@ -34,10 +35,16 @@ def family(method: str) -> str:
     return "co" if method in SINGLE_STEP else "ro"
 
 
+# APGD on its own is one component of the worst case, like AutoAttack's per-attack accuracies: in the evaluate JSON,
+# not among the summary's headline keys
+COMPONENTS = ("apgd_acc",)
+
+
 def accuracies(eval_metrics: dict, checkpoint: str) -> dict[str, float]:
-    """`clean_acc`, `pgd<k>_acc`, `aa_acc` of one checkpoint from an evaluate JSON (absent ones left out)."""
+    """`clean_acc`, `pgd<k>_acc`, `aa_acc`, `worst_acc` of one checkpoint from an evaluate JSON (absent ones left
+    out; `COMPONENTS` too)."""
     pattern = re.compile(rf"^{checkpoint}\.([a-z0-9]+_acc)$")
-    return {m.group(1): v for k, v in eval_metrics.items() if (m := pattern.match(k))}
+    return {m.group(1): v for k, v in eval_metrics.items() if (m := pattern.match(k)) and m.group(1) not in COMPONENTS}
 
 
 def with_intervals(eval_metrics: dict, checkpoint: str, flag_file: dict | None = None) -> dict[str, float]:
@@ -72,7 +79,7 @@ def _flags(flag_file: dict, checkpoint: str, metric: str) -> list[bool] | None:
 
 def paired(flags_a: dict, ck_a: str, flags_b: dict, ck_b: str, metrics: list[str]) -> dict[str, dict]:
     """Per accuracy metric: b minus a on the same images (`stats.paired_difference`), where both have flags."""
-    for key in ("test_sha256", "n", "aa_n"):  # a paired test needs the same test images behind both files
+    for key in ("test_sha256", "n", "apgd_n", "aa_n", "worst_n"):  # the same test images behind both files
         if flags_a.get(key) != flags_b.get(key):
             names = [f"metrics/eval/{f.get('run')}.{f.get('variant')}.flags.json" for f in (flags_a, flags_b)]
             raise UserError(f"{names[0]} and {names[1]} cover different test images ({key} {flags_a.get(key)!r} "
@@ -103,9 +110,10 @@ def comparisons(methods: dict[str, str], evals: dict[tuple[str, str], dict], fla
                 fam: str) -> dict[str, dict[str, dict]]:
     """The paired differences of one family's runs, keyed by summary prefix (`co.<run>.der_gain`,
     `ro.<run>.<variant>.best_minus_last`, `ro.<run>.der_gain.<checkpoint>`), per metric `paired`'s dict. Those the
-    family's table shows (clean, strongest PGD, AA) form one Holm family: each carries `p_holm`."""
+    family's table shows (`table_metrics`: clean, strongest PGD, AA, worst case) form one Holm family: each carries
+    `p_holm`."""
     runs, pgd = _family_runs(methods, evals, fam)
-    shown = ("clean_acc", pgd, "aa_acc")
+    shown = table_metrics(pgd)
     out = {}
     for run in runs:
         checkpoints = _checkpoints(fam, evals[run, "base"])
@@ -182,6 +190,18 @@ def _family_runs(methods: dict[str, str], evals: dict[tuple[str, str], dict], fa
     return runs, pgd
 
 
+def table_metrics(pgd: str) -> tuple[str, ...]:
+    """The accuracy columns of the CO / RO tables, in order."""
+    return "clean_acc", pgd, "aa_acc", "worst_acc"
+
+
+TABLE_HEADS = ("Clean", "PGD-{steps}", "AA", "Worst case")
+
+
+def _heads(pgd: str) -> str:
+    return " | ".join(h.format(steps=pgd[3:-4]) for h in TABLE_HEADS)
+
+
 def _label(run: str, method: str, variant: str) -> str:
     return _name(run, method) + (" + DER" if variant == "der" else "")
 
@@ -194,8 +214,12 @@ def _footnote(evals: dict, runs: list[str], checkpoints: str, warned: bool, test
     """What the numbers are: sample sizes, intervals, the paired tests (`tests` p-values in the Holm family), the
     AutoAttack warning mark."""
     n_aa, starts = _first(evals, runs, "aa_examples"), _first(evals, runs, "restarts")
+    n_apgd, n_worst = _first(evals, runs, "apgd_examples"), _first(evals, runs, "worst_examples")
     text = (f"\n\nAccuracy (%) with its Wilson 95 % interval: clean and PGD on the first {_first(evals, runs, 'n_examples')}"
             f" test images, " + (f"AA (standard AutoAttack) on the first {n_aa} of them" if n_aa else "AA not run")
+            + "; " + (f"worst case on the first {n_worst}: an image counts when it is classified correctly clean and "
+                      f"under every PGD, APGD-CE + APGD-T (first {n_apgd or 0}) and AA" if n_worst else
+                      "worst case not run (no APGD, no AA)")
             + f"; {checkpoints}; PGD with {starts} random start{'' if starts == 1 else 's'}. Differences (Δ rows) in "
             "percentage points on the same images: Newcombe's paired score 95 % interval and exact McNemar p-value, "
             f"Holm-adjusted over the table's {tests} Δ cells in brackets.")
@@ -209,8 +233,8 @@ def _footnote(evals: dict, runs: list[str], checkpoints: str, warned: bool, test
 def co_table(methods: dict[str, str], evals: dict[tuple[str, str], dict], flags: dict[tuple[str, str], dict]) -> str:
     """Catastrophic overfitting: single-step runs, base vs + DER, final checkpoint, and DER − base."""
     runs, pgd = _family_runs(methods, evals, "co")
-    metrics = ("clean_acc", pgd, "aa_acc")
-    lines = [f"| Method | ε | Clean | PGD-{pgd[3:-4]} | AA |", "|---|---:|---:|---:|---:|"]
+    metrics = table_metrics(pgd)
+    lines = [f"| Method | ε | {_heads(pgd)} |", "|---|---:|" + "---:|" * len(metrics)]
     warned, diffs = False, comparisons(methods, evals, flags, "co")
     for run in runs:
         for variant in VARIANTS:
@@ -221,7 +245,7 @@ def co_table(methods: dict[str, str], evals: dict[tuple[str, str], dict], flags:
         lines.append("| Δ DER − base | | " + " | ".join(_diff_cell(diffs[f"co.{run}.der_gain"], m) for m in metrics)
                      + " |")
     if not runs:
-        lines.append("| (no single-step runs in params.yaml) | | | | |")
+        lines.append("| (no single-step runs in params.yaml) |" + " |" * (1 + len(metrics)))
     return "\n".join(lines) + _footnote(evals, runs, "final checkpoint", warned, _tests(diffs))
 
 
@@ -229,8 +253,8 @@ def ro_table(methods: dict[str, str], evals: dict[tuple[str, str], dict], flags:
     """Robust overfitting: multi-step runs, base vs + DER, best (by validation PGD) and last checkpoints, with
     best − last per variant and DER − base per checkpoint."""
     runs, pgd = _family_runs(methods, evals, "ro")
-    metrics = ("clean_acc", pgd, "aa_acc")
-    lines = [f"| Method | ε | Checkpoint | Clean | PGD-{pgd[3:-4]} | AA |", "|---|---:|---|---:|---:|---:|"]
+    metrics = table_metrics(pgd)
+    lines = [f"| Method | ε | Checkpoint | {_heads(pgd)} |", "|---|---:|---|" + "---:|" * len(metrics)]
     warned, diffs = False, comparisons(methods, evals, flags, "ro")
     for run in runs:
         checkpoints = _checkpoints("ro", evals[run, "base"])
@@ -248,7 +272,7 @@ def ro_table(methods: dict[str, str], evals: dict[tuple[str, str], dict], flags:
             d = diffs[f"ro.{run}.der_gain.{ck}"]
             lines.append(f"| Δ DER − base | | {ck} | " + " | ".join(_diff_cell(d, m) for m in metrics) + " |")
     if not runs:
-        lines.append("| (no multi-step runs in params.yaml) | | | | | |")
+        lines.append("| (no multi-step runs in params.yaml) |" + " |" * (2 + len(metrics)))
     return "\n".join(lines) + _footnote(
         evals, runs, "best = epoch of highest validation PGD accuracy, last = final epoch", warned, _tests(diffs))
 

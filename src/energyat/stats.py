@@ -5,6 +5,8 @@
 - two models on the same images are compared pairwise: the difference of accuracies with Newcombe's hybrid score
   interval for paired proportions (Newcombe 1998, Stat. Med. 17:2635-2650, method 10), which stays informative
   when no image is discordant, and the exact McNemar test (two-sided binomial test on the discordant pairs);
+- two attacks on the same images (is our PGD as strong as APGD?): the one-sided exact binomial test on the
+  images only one of them breaks;
 - seeds are aggregated as mean ± sample std with a Student-t interval on the mean, compared by a paired t-test;
 - several p-values read together (one table) are Holm-adjusted.
 """
@@ -48,6 +50,17 @@ def _mcnemar(only_a: int, only_b: int) -> float:
     if k == 0:
         return 1.0
     return float(min(1.0, 2 * sps.binom.cdf(min(only_a, only_b), k, 0.5)))
+
+
+def binomial_excess_p(more: int, fewer: int) -> float:
+    """Exact one-sided binomial p-value that the `more` side of `more + fewer` discordant pairs is no more frequent
+    than the other (H0: each discordant pair goes either way with probability 1/2; alternative: `more` > half).
+    1 when there are no discordant pairs."""
+    if more < 0 or fewer < 0:
+        raise ValueError(f"binomial_excess_p: counts must be >= 0, got {more} and {fewer}")
+    if more + fewer == 0:
+        return 1.0
+    return float(sps.binomtest(more, more + fewer, 0.5, alternative="greater").pvalue)
 
 
 def newcombe_paired(both: int, only_a: int, only_b: int, neither: int, z: float = Z95) -> tuple[float, float]:

@@ -1,14 +1,27 @@
-"""Stage `evaluate <run> <variant>`: clean, PGD-k (restarts) and standard AutoAttack accuracy of a run's checkpoints.
+"""Stage `evaluate <run> <variant>`: clean, PGD-k (restarts), APGD-CE + APGD-T and standard AutoAttack accuracy of a
+run's checkpoints, and the worst case over all of them, image by image.
 
 Reads models/<variant>/<run>/{best,last}.pt and the test split. Clean and PGD run on the first
-`evaluate.n_examples` test images, AutoAttack on the first `evaluate.aa_examples` of them. Writes
+`evaluate.n_examples` test images, APGD (APGD-CE then APGD-T, standard AutoAttack's settings, through the official
+code) on the first `evaluate.apgd_examples` of them (all of them when it is larger), standard AutoAttack on the
+first `evaluate.aa_examples`.
+`worst` covers the first max(apgd_examples, aa_examples) images, the images that every gradient attack ran on
+(AutoAttack contains APGD-CE and APGD-T with the same settings): an image counts as robust when the model classifies
+it correctly clean and under every PGD-k (each restart), APGD (where it ran) and AutoAttack (where it ran). Writes
 - metrics/eval/<run>.<variant>.json: flat keys such as `best.pgd50_acc` with its Wilson 95 % interval
-  (`best.pgd50_acc_lo`, `best.pgd50_acc_hi`), `last.aa_acc`, `last.aa.square_acc`, `last.aa.warnings`,
-  `last.seconds.square`, and the AutoAttack settings read back after the run (`aa.*`);
+  (`best.pgd50_acc_lo`, `best.pgd50_acc_hi`), `best.apgd_acc`, `best.worst_acc`, `last.aa_acc`,
+  `last.aa.square_acc`, `last.apgd.apgd-t_acc`, `last.aa.warnings`, `last.seconds.square`, the attack check
+  (`last.check.*`, below) and the settings read back after the runs (`apgd.*`, `aa.*`);
 - metrics/eval/<run>.<variant>.flags.json: per-example correctness, one '0'/'1' string per checkpoint and
-  evaluation (`best.clean`, `best.pgd50`, `best.aa`, ...), character i = test image i, so that any two
-  models can be compared pairwise later (report);
-- metrics/eval/<run>.<variant>.autoattack.log: pyautoattack's own log, block by block.
+  evaluation (`best.clean`, `best.pgd50`, `best.apgd`, `best.aa`, `best.worst`, ...), character i = test image i,
+  so that any two models can be compared pairwise later (report);
+- metrics/eval/<run>.<variant>.autoattack.log: pyautoattack's own log (APGD, then AutoAttack), block by block.
+
+The attack check pairs the strongest PGD (most steps) with APGD / AutoAttack on the worst-case images:
+`check.pgd_missed` images PGD leaves standing that they break, `check.apgd_missed` the reverse, and `check.p`, the
+exact one-sided binomial test of "PGD is as strong as APGD" on those discordant images; below 0.01 the stage warns
+that the PGD number overstates robustness (report `worst_acc`).
+
 Every checkpoint is loaded and checked before any attack runs. Under torchrun the blocks of
 `evaluate.batch_size` images are shared among the ranks; rank 0 gathers and writes.
 
@@ -30,6 +43,7 @@ from ..runtime import log, setup
 
 OUT = Path("metrics/eval")
 FLAGS_FORMAT = "energyat-flags/1"
+CHECK_ALPHA = 0.01  # the attack check warns below this p-value
 
 
 def checkpoint_paths(params: Params, run_name: str, variant: str) -> dict[str, Path]:
@@ -46,10 +60,35 @@ def flag_string(flags: Tensor) -> str:
     return "".join("1" if f else "0" for f in flags.tolist())
 
 
+def attack_check(pgd: Tensor, strong: Tensor) -> dict:
+    """Paired check of our strongest PGD against APGD / AutoAttack on the same images (`strong`: correct under
+    them). `pgd_missed`: images PGD leaves standing that the stronger attacks break; `apgd_missed`: the reverse;
+    `p`: exact one-sided binomial test of H0 "PGD is as strong as APGD" on those discordant images, 1 when there
+    are none (`stats.binomial_excess_p`)."""
+    pgd_missed, apgd_missed = stats.discordant(pgd.cpu().numpy(), strong.cpu().numpy())
+    return {"n": len(pgd), "pgd_missed": pgd_missed, "apgd_missed": apgd_missed,
+            "p": stats.binomial_excess_p(pgd_missed, apgd_missed)}
+
+
+def attacked_examples(cfg) -> dict[str, int]:
+    """Images each pyautoattack evaluation covers (a prefix of the n_examples): `apgd` (apgd_examples, at most
+    n_examples), `aa` (0: not run) and `worst`, the images every gradient attack ran on."""
+    n_apgd, n_aa = min(cfg.apgd_examples, cfg.n_examples), cfg.aa_examples if cfg.autoattack else 0
+    return {"apgd": n_apgd, "aa": n_aa, "worst": max(n_apgd, n_aa)}
+
+
+def strong_attacks(cfg) -> str:
+    """Who the attack check pits PGD against, in words."""
+    n = attacked_examples(cfg)
+    return "/".join(name for key, name in (("apgd", "APGD"), ("aa", "AutoAttack")) if n[key])
+
+
 def evaluate_model(model, x, y, eps: float, params: Params) -> dict:
-    """Flags, flat metrics and AutoAttack log of one model on (x, y); AutoAttack on the first aa_examples."""
+    """Flags, flat metrics and pyautoattack results of one model on (x, y): APGD on the first apgd_examples,
+    AutoAttack on the first aa_examples, the worst case and the attack check on the first max of the two."""
     cfg = params.evaluate
-    flags, out, seconds = {}, {}, {}
+    n_att = attacked_examples(cfg)
+    flags, out, seconds, results = {}, {}, {}, {}
     start = time.perf_counter()
     flags["clean"] = robustness.clean_correct(model, x, y, cfg.batch_size)
     seconds["clean"] = time.perf_counter() - start
@@ -58,25 +97,31 @@ def evaluate_model(model, x, y, eps: float, params: Params) -> dict:
         flags[f"pgd{steps}"] = robustness.pgd_correct(model, x, y, eps, steps, cfg.restarts, cfg.batch_size,
                                                       params.seed)
         seconds[f"pgd{steps}"] = time.perf_counter() - start
-    aa = None
-    if cfg.autoattack:
-        n_aa = cfg.aa_examples
+    for name, attacks in (("apgd", robustness.APGD_ATTACKS), ("aa", None)):
+        n = n_att[name]
+        if not n:
+            continue
         start = time.perf_counter()
-        aa = robustness.run_autoattack(model, x[:n_aa], y[:n_aa], eps, params.seed, cfg.batch_size)
-        seconds["aa"] = time.perf_counter() - start  # wall clock; the per-attack seconds are summed over blocks
-        seconds.update(aa.seconds)
-        flags["aa"] = aa.robust
-        out.update(accuracy_metrics("aa.clean_acc", aa.clean, n_aa))
-        for attack, count in aa.robust_after.items():
-            out.update(accuracy_metrics(f"aa.{attack}_acc", count, n_aa))
-        out["aa.warnings"] = aa.warnings
-        strongest = flags[f"pgd{max(cfg.pgd_steps)}"][:n_aa].float().mean().item()  # on the same images as AA
-        check = robustness.crosscheck(strongest, aa.acc_after["apgd-ce"], aa.accuracy, n_aa)
-        out.update({f"check.{k}": round(v, 4) if isinstance(v, float) else v for k, v in check.items()})
+        result = robustness.run_autoattack(model, x[:n], y[:n], eps, params.seed, cfg.batch_size, attacks)
+        seconds[name] = time.perf_counter() - start  # wall clock; the per-attack seconds are summed over blocks
+        # AutoAttack's per-attack seconds keep their plain names (seconds.square); APGD's are seconds.apgd.<attack>
+        seconds.update({(a if name == "aa" else f"{name}.{a}"): v for a, v in result.seconds.items()})
+        flags[name] = result.robust
+        out.update(accuracy_metrics(f"{name}.clean_acc", result.clean, n))
+        for attack, count in result.robust_after.items():
+            out.update(accuracy_metrics(f"{name}.{attack}_acc", count, n))
+        out[f"{name}.warnings"] = result.warnings
+        results[name] = result
+    if n := n_att["worst"]:
+        strong = robustness.worst_case({name: flags[name] for name in results}, n)
+        check = attack_check(flags[f"pgd{max(cfg.pgd_steps)}"][:n], strong)
+        flags["worst"] = robustness.worst_case(flags, n)
+        out.update({"check.n": check["n"], "check.pgd_missed": check["pgd_missed"],
+                    "check.apgd_missed": check["apgd_missed"], "check.p": float(f"{check['p']:.4g}")})
     for name, f in flags.items():
         out.update(accuracy_metrics(f"{name}_acc", int(f.sum()), len(f)))
     out.update({f"seconds.{k}": round(v, 1) for k, v in seconds.items()})
-    return {"flags": flags, "metrics": out, "aa": aa}
+    return {"flags": flags, "metrics": out, "results": results}
 
 
 def run(params: Params, run_name: str, variant: str) -> None:
@@ -90,26 +135,30 @@ def run(params: Params, run_name: str, variant: str) -> None:
               **{k: data_meta[k] for k in ("dataset", "num_classes", "channels", "size")}}
     loaded = {ck: checkpoint.load(path, expect) for ck, path in checkpoint_paths(params, run_name, variant).items()}
 
-    n, n_aa = cfg.n_examples, cfg.aa_examples if cfg.autoattack else 0
+    n, n_att = cfg.n_examples, attacked_examples(cfg)
     x, y = to_float(test.x[:n], device), test.y[:n].to(device)
     eps = rc.train.eps
     metrics = {"run": run_name, "variant": variant, "method": rc.train.method, "eps": eps, "n_examples": n,
-               "aa_examples": n_aa, "restarts": cfg.restarts}
+               "apgd_examples": n_att["apgd"], "aa_examples": n_att["aa"], "worst_examples": n_att["worst"],
+               "restarts": cfg.restarts}
     flag_file = {"format": FLAGS_FORMAT, "run": run_name, "variant": variant, "split": "test",
-                 "test_sha256": data_meta["files"]["test"], "n": n, "aa_n": n_aa, "eps": eps}
+                 "test_sha256": data_meta["files"]["test"], "n": n, "apgd_n": n_att["apgd"], "aa_n": n_att["aa"],
+                 "worst_n": n_att["worst"], "eps": eps}
+    titles = {"apgd": f"APGD-CE + APGD-T, first {n_att['apgd']} images",
+              "aa": f"standard AutoAttack, first {n_att['aa']} images"}
     logs, results = [], {}
     for ck, (model, meta) in loaded.items():
         if meta["sha256"] in results:  # best is often the last epoch: same weights, same numbers
             log(f"evaluate {run_name}/{variant}: {ck} has the same weights as {results[meta['sha256']][0]}; reusing")
         else:
             log(f"evaluate {run_name}/{variant}: {ck} (epoch {meta.get('epoch')}), {n} test images "
-                f"({n_aa} with AutoAttack), eps {eps:g}")
+                f"({n_att['apgd']} with APGD, {n_att['aa']} with AutoAttack), eps {eps:g}")
             result = evaluate_model(model.to(device).eval(), x, y, eps, params)
             results[meta["sha256"]] = ck, result
-            if result["aa"] is not None:
-                logs += [f"== {ck}", *result["aa"].log]
-                metrics.update({f"aa.{k}": ",".join(v) if isinstance(v, list) else v
-                                for k, v in result["aa"].settings.items()})
+            for name, attacked in result["results"].items():
+                logs += [f"== {ck}: {titles[name]}", *attacked.log]
+                metrics.update({f"{name}.{k}": ",".join(v) if isinstance(v, list) else v
+                                for k, v in attacked.settings.items()})
         result = results[meta["sha256"]][1]
         metrics.update({f"{ck}.{k}": v for k, v in result["metrics"].items()})
         metrics[f"{ck}.epoch"] = meta.get("epoch")
@@ -118,14 +167,16 @@ def run(params: Params, run_name: str, variant: str) -> None:
         m = result["metrics"]
         log(f"evaluate {run_name}/{variant}: {ck} clean {m['clean_acc']:.4f} "
             + " ".join(f"pgd{s} {m[f'pgd{s}_acc']:.4f}" for s in cfg.pgd_steps)
-            + (f" aa {m['aa_acc']:.4f} ({m['seconds.aa']:.0f}s)" if "aa_acc" in m else ""))
-        if m.get("aa.warnings"):
-            log(f"evaluate {run_name}/{variant}: warning: {ck}: AutoAttack raised {m['aa.warnings']} warning(s), "
-                f"see {OUT}/{run_name}.{variant}.autoattack.log")
-        if m.get("check.passed") is False:
-            log(f"evaluate {run_name}/{variant}: warning: {ck}: PGD and AutoAttack disagree beyond "
-                f"{m['check.tolerance']:.3f} (APGD-CE gap {m['check.apgdce_gap']:+.4f}, "
-                f"AA over PGD {m['check.aa_over_pgd']:+.4f})")
+            + "".join(f" {name} {m[f'{name}_acc']:.4f} ({m[f'seconds.{name}']:.0f}s)" for name in ("apgd", "aa")
+                      if f"{name}_acc" in m)
+            + (f" worst {m['worst_acc']:.4f}" if "worst_acc" in m else ""))
+        for name, title in (("apgd", "APGD"), ("aa", "AutoAttack")):
+            if m.get(f"{name}.warnings"):
+                log(f"evaluate {run_name}/{variant}: warning: {ck}: {title} raised {m[f'{name}.warnings']} "
+                    f"warning(s), see {OUT}/{run_name}.{variant}.autoattack.log")
+        if m.get("check.p", 1.0) < CHECK_ALPHA:
+            log(f"evaluate {run_name}/{variant}: warning: {ck}: PGD missed {m['check.pgd_missed']} images that "
+                f"{strong_attacks(cfg)} broke (p = {m['check.p']:.2g}): report worst_acc")
     if distributed.context().main:
         write_text(OUT / f"{run_name}.{variant}.autoattack.log", "\n".join(logs) + "\n")
         write_json(OUT / f"{run_name}.{variant}.flags.json", flag_file)
