@@ -143,9 +143,10 @@ def _file_data(files: dict | None) -> dict:
     return {f: v["data"] for f, v in (files or {}).items() if isinstance(v, dict) and "data" in v}
 
 
-def experiments(show: list[dict], head: str | None) -> tuple[list[Experiment], list[str]]:
+def experiments(show: list[dict], head: str | None, files=None) -> tuple[list[Experiment], list[str]]:
     """Candidates from `dvc exp show --json` (the HEAD commit `head` included), and one note per experiment
-    left out (queued, running, failed, or without metrics)."""
+    left out (queued, running, failed, or without metrics). `files(rev, params)`, where given, adds the metrics
+    files DVC does not show as metrics (the stages' per-run JSON, kept in git as plots): {file: data}."""
     found, notes = [], []
     for entry in show:
         base = entry.get("rev")
@@ -162,12 +163,16 @@ def experiments(show: list[dict], head: str | None) -> tuple[list[Experiment], l
             rows.append((name, rev))
         for name, row in rows:
             data = row.get("data") or {}
-            metrics = {f: flatten(d) for f, d in _file_data(data.get("metrics")).items() if isinstance(d, dict)}
+            params = _file_data(data.get("params"))
+            shown = _file_data(data.get("metrics"))
+            if files is not None:
+                shown = {**files(row.get("rev") or data.get("rev"), params), **shown}
+            metrics = {f: flatten(d) for f, d in shown.items() if isinstance(d, dict)}
             if not metrics:
                 notes.append(f"{name}: skipped (no metrics)")
                 continue
             found.append(Experiment(name=name, rev=row.get("rev") or data.get("rev"), baseline=base,
-                                    timestamp=data.get("timestamp") or "", params=_file_data(data.get("params")),
+                                    timestamp=data.get("timestamp") or "", params=params,
                                     metrics=metrics))
     return found, notes
 

@@ -60,6 +60,26 @@ def _git(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["git", *args], capture_output=True, text=True)
 
 
+STAGE_FILES = ("metrics/train/{run}.{variant}.json", "metrics/eval/{run}.{variant}.json")
+
+
+def _stage_files(rev: str, params: dict) -> dict:
+    """The per-run train and eval JSON of an experiment's commit (DVC lists them as plots, not metrics)."""
+    runs = ["standard", *aggregate.runs_of(params.get(aggregate.PARAMS_FILE, {}))]
+    out = {}
+    for run in runs:
+        for variant in (("base",) if run == "standard" else VARIANTS):
+            for pattern in STAGE_FILES:
+                path = pattern.format(run=run, variant=variant)
+                shown = _git("show", f"{rev}:{path}")
+                if shown.returncode == 0:
+                    try:
+                        out[path] = json.loads(shown.stdout)
+                    except json.JSONDecodeError:
+                        log(f"aggregate: {rev[:7]}: {path} is not valid JSON; left out")
+    return out
+
+
 def _committed(root: Path = STUDIES) -> tuple[list[aggregate.Experiment], dict[str, Path]]:
     """The experiments of the committed evidence, and rev -> its evidence folder."""
     exps, folders = [], {}
@@ -111,7 +131,8 @@ def _flags(groups: list[aggregate.Group], folders: dict[str, Path]) -> dict[tupl
 
 def run(params: Params, names: list[str], co: bool = False, export: str = "") -> None:
     head = _git("rev-parse", "HEAD")
-    live, notes = aggregate.experiments(_exp_show(), head.stdout.strip() if head.returncode == 0 else None)
+    live, notes = aggregate.experiments(_exp_show(), head.stdout.strip() if head.returncode == 0 else None,
+                                        files=_stage_files)
     for note in notes:
         log(f"aggregate: {note}")
     if export:
