@@ -105,6 +105,8 @@ def test_dvc_repro_tiny_pipeline(tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(ROOT, repo, ignore=COPY_IGNORE)
     shutil.copytree(ROOT / "metrics/paper", repo / "metrics/paper")  # the paper-report stage's committed input
+    for aggregate in ("co_study.json", "seeds.json"):  # the study-figures stage's committed inputs
+        shutil.copyfile(ROOT / "metrics" / aggregate, repo / "metrics" / aggregate)
     synthetic_tarball(tmp_path / "toy.tar.gz")
     (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params(tmp_path / "toy.tar.gz"), sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
