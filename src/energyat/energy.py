@@ -1,7 +1,7 @@
 """A classifier read as an energy-based model: energies, delta energies, DER, AAE mask.
 
 Pure tensor functions over logits `f(x)` of shape (N, K); every result is per sample (N,) unless
-named a loss. Sign conventions follow DESIGN.md §1: ΔE is natural minus adversarial.
+named a loss. Sign conventions follow docs/design.md §1: ΔE is natural minus adversarial.
 
 Every function computes in fp32 whatever the logits' dtype: under bf16 autocast a logsumexp of values near 10
 rounds to ~0.06, the size of DER's margin γ and of the adaptive-stopping band. Casting cannot undo logits already

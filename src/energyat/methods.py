@@ -17,7 +17,7 @@ the reference algorithm and DER changes the loss only. (TRADES' reference forwar
 train mode, updating the statistics twice with it; we forward it once.)
 
 Single-step methods apply DER to abnormal adversarial examples only; multi-step methods to the whole batch once
-`der.start_epoch` is reached (DESIGN.md §1).
+`der.start_epoch` is reached (docs/design.md §1).
 """
 from __future__ import annotations
 

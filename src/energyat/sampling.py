@@ -1,4 +1,4 @@
-"""Generation from a classifier read as an EBM (DESIGN.md §1): SGLD with momentum on the joint energy.
+"""Generation from a classifier read as an EBM (docs/design.md §1): SGLD with momentum on the joint energy.
 
     v ← ζ·v − ½·η·∇ₓE(x,y),   x ← clip(x + v + σ·N(0, I), 0, 1)
 

@@ -3,7 +3,7 @@
 `fit` touches no files: it reports every finished epoch to `on_epoch_end`, which the stage uses to
 write checkpoints, and it resumes from a state dict. Each epoch reseeds the RNGs from (seed, epoch),
 so a resumed run replays exactly the epochs an uninterrupted one would have. Under torchrun each rank
-trains its shard of every global batch through DistributedDataParallel (DESIGN.md §7).
+trains its shard of every global batch through DistributedDataParallel (docs/design.md §7).
 """
 from __future__ import annotations
 
