@@ -54,7 +54,7 @@ def comparisons(evidence: dict) -> list[dict]:
     rows = []
     for block, seeds in evidence.items():
         for seed, ev in seeds.items():
-            for run in paper_blocks.BLOCKS[block].runs if block in paper_blocks.BLOCKS else ():
+            for run in paper_blocks.BLOCKS[block].runs:
                 base, der = ev["jobs"].get(f"{run}.base"), ev["jobs"].get(f"{run}.der")
                 if not (base and der):
                     continue
