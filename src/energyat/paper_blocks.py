@@ -49,9 +49,10 @@ BLOCKS: dict[str, Block] = {
     **{f"co8-{m}": _co(m, EPS8, "8/255") for m in ("fgsm", "rs-fgsm", "n-fgsm")},
     "co16-gradalign": _co("gradalign", EPS16, "16/255"),
     "co16-lambda": Block(
-        "DER's single-step weight: FGSM + DER at 16/255 over lambda in {0.1, 0.5, 1, 6} (gamma 0)",
+        "DER's single-step weight: FGSM + DER at 16/255 over lambda in {6, 0.5, 0.1, 1} (gamma 0; the strongest "
+        "first, the one most likely to prevent CO; lambda 1 is co16-fgsm's DER run again)",
         {f"fgsm-l{lam:g}": {"method": "fgsm", "eps": EPS16, **FAST_AT, "der": {"lambda": lam, "gamma": 0.0}}
-         for lam in (0.1, 0.5, 1.0, 6.0)},
+         for lam in (6.0, 0.5, 0.1, 1.0)},
         variants=("der",)),
     "ro": Block(
         "robust overfitting: PGD-10 AT at 8/255 (alpha 2/255), piecewise LR (x0.1 at 50 % and 75 %), 30 epochs "

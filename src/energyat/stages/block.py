@@ -116,6 +116,7 @@ def run(_params: None, ns: argparse.Namespace) -> None:
     for name in ns.blocks:
         raw = paper_blocks.params_for(raw_preset, name, str(data), ns.seed, ns.device, ns.tiny)
         plans.append((name, raw, parse(raw)))
+    code = _code_digest()  # per job: a resumed block can hold jobs of earlier code
     measured = []  # (prior, actual) seconds of the jobs run here: calibrates the priors of the next ones
     for name, raw, params in plans:
         block = paper_blocks.BLOCKS[name]
@@ -134,7 +135,7 @@ def run(_params: None, ns: argparse.Namespace) -> None:
             "data": {"dataset": meta["dataset"], "source": Path(meta["source"]).name, "files": meta["files"],
                      "counts": meta["counts"]},
             "device": torch.cuda.get_device_name() if params.device != "cpu" and torch.cuda.is_available() else "cpu",
-            "torch": torch.__version__, "python": platform.python_version(), "code": _code_digest(),
+            "torch": torch.__version__, "python": platform.python_version(),
         })
         jobs = record.setdefault("jobs", {})
         for run_name, variant in block.jobs():
@@ -161,7 +162,8 @@ def run(_params: None, ns: argparse.Namespace) -> None:
                     shutil.copyfile(src.format(job=job), out / f"{job}.{suffix}")
             t2 = time.monotonic()
             measured.append((prior, t2 - t0))
-            jobs[job] = {"status": "done", "train_seconds": round(t1 - t0, 1), "eval_seconds": round(t2 - t1, 1)}
+            jobs[job] = {"status": "done", "train_seconds": round(t1 - t0, 1), "eval_seconds": round(t2 - t1, 1),
+                         "code": code, "device": record["device"], "torch": torch.__version__}
             write_json(out / "block.json", record)
             log(f"block {name}: {job} done in {t2 - t0:.0f} s (train {t1 - t0:.0f}, evaluate {t2 - t1:.0f}); "
                 f"{time.monotonic() - start:.0f} s since the start")
