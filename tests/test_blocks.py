@@ -107,7 +107,7 @@ def test_block_runner_deadline_resume_evidence_and_page(tmp_path, monkeypatch, c
     page = paper_report.page(evidence)
     assert "### `co16-fgsm`" in page and "| fgsm | 0 |" in page and "`ro` (~" in page
     diffs = paper_report.comparisons(evidence)
-    assert {d["metric"] for d in diffs} == {"clean", "pgd50", "aa"} and all(0 <= d["p_holm"] <= 1 for d in diffs)
+    assert {d["metric"] for d in diffs} == {"clean", "pgd50", "aa", "worst"} and all(0 <= d["p_holm"] <= 1 for d in diffs)
     head = paper_report_stage.summary(evidence)
     assert head["co16-fgsm.fgsm.base.seed0.clean_acc"] == ev["last.clean_acc"]
 
@@ -132,6 +132,18 @@ def test_verdict_counts_collapsing_runs_and_their_der_twins():
     kept = {"co16-fgsm": {0: {"block": {}, "jobs": {"fgsm.base": job(True, 2), "fgsm.der": job(False, None)}},
                           1: {"block": {}, "jobs": {"fgsm.base": job(True, 3), "fgsm.der": job(True, 30)}}}}
     assert paper_report.co_verdict(kept).startswith("mixed: DER's model is free of CO at the end of training in 1 of 2")
+    chance = job(False, None)
+    chance["flags"] = {"last.clean": "1" + "0" * 9, "last.pgd50": "1" + "0" * 9}  # 10 % clean: nothing learned
+    at_chance = {"co16-fgsm": {0: {"block": {}, "jobs": {"fgsm.base": job(True, 2), "fgsm.der": chance}}}}
+    assert paper_report.co_verdict(at_chance).startswith("not supported: DER's model is free of CO at the end of "
+                                                         "training in 0 of 1")
+    assert "DER at chance" in paper_report.co_verdict(at_chance)
+    verdict = paper_report.lambda_verdict(at_chance)
+    assert verdict.startswith("λ 1: at chance") and "10.0 [1.8, 40.4] (10)" in verdict
+    assert verdict.endswith("not run yet: λ 0.1, 0.5, 6")
     del kept["co16-fgsm"][0]
     assert paper_report.co_verdict(kept).startswith("not supported")
+    check = {"last.check.pgd_missed": 41, "last.check.apgd_missed": 0, "last.check.p": 4.547e-13}
+    assert paper_report.check_cell({"eval": check}) == "41 / 0 (p < 0.001)"
+    assert paper_report.check_cell({"eval": {}}) == "–"
     assert paper_report.co_verdict({}).startswith("unresolved")

@@ -12,7 +12,8 @@ from matplotlib.figure import Figure  # a bare Figure: no pyplot state, no GUI b
 from . import paper_blocks, stats
 from .report import METHOD_NAMES
 
-METRICS = (("clean", "Clean"), ("pgd50", "PGD-50-10"), ("aa", "AutoAttack"))
+METRICS = (("clean", "Clean"), ("pgd50", "PGD-50-10"), ("aa", "AutoAttack"), ("worst", "Worst case"))
+CHANCE = 0.1  # CIFAR-10: a model whose clean accuracy stays below twice this learned nothing (no CO to speak of)
 PAPER = "Mirza et al., arXiv 2505.22486"
 # Published numbers for the same setting (PreActResNet-18, CIFAR-10), by block and run; "" where none is known.
 PUBLISHED = {
@@ -40,7 +41,23 @@ def accuracy_cell(job: dict, metric: str) -> str:
     return f"{stats.fmt_pct_interval(sum(f) / len(f), lo, hi)} ({len(f)})"
 
 
-def co_cell(train: dict) -> str:
+def at_chance(job: dict) -> bool:
+    f = _flags(job, "clean")
+    return f is not None and sum(f) / len(f) < 2 * CHANCE
+
+
+def check_cell(job: dict) -> str:
+    """The paired attack check on the AutoAttack images: PGD-missed / AutoAttack-missed counts, exact p."""
+    ev = job.get("eval", {})
+    if "last.check.pgd_missed" not in ev:
+        return "–"
+    return f"{ev['last.check.pgd_missed']} / {ev['last.check.apgd_missed']} (p {stats.fmt_p(ev['last.check.p'])})"
+
+
+def co_cell(job: dict) -> str:
+    train = job["train"]
+    if at_chance(job):
+        return "no: the model stays at chance (learned nothing)"
     if train.get("diverged"):
         return f"diverged (epoch {train['diverged_epoch']})"
     if not train.get("catastrophic_overfitting"):
@@ -80,7 +97,7 @@ def block_section(block: str, seeds: dict, diffs: list[dict]) -> list[str]:
     lines = [f"### `{block}`: {spec.about}", ""]
     lines += [f"![validation accuracy and AAEs per epoch](figures/paper/{block}.png)", "",
               "| Method | Seed | CO (validation PGD-10) | Best val PGD-10 (epoch) | Clean | PGD-50-10 | AutoAttack "
-              "| Published (%) |", "|---|---|---|---:|---:|---:|---:|---|"]
+              "| Worst case | PGD / AA missed (p) | Published (%) |", "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for run, variant in spec.jobs():
         method = METHOD_NAMES.get(spec.runs[run]["method"], run)
         der = spec.runs[run].get("der", {})
@@ -89,11 +106,11 @@ def block_section(block: str, seeds: dict, diffs: list[dict]) -> list[str]:
             job = ev["jobs"].get(f"{run}.{variant}")
             if job is None:
                 why = ev["block"].get("jobs", {}).get(f"{run}.{variant}", {}).get("why", "not run")
-                lines.append(f"| {label} | {seed} | not run ({why}) | | | | | |")
+                lines.append(f"| {label} | {seed} | not run ({why}) | | | | | | | |")
                 continue
             cells = [accuracy_cell(job, m) for m, _ in METRICS]
             best = f"{100 * job['train']['best_val_pgd_acc']:.1f} ({job['train']['best_epoch']})"
-            lines.append(f"| {label} | {seed} | {co_cell(job['train'])} | {best} | {' | '.join(cells)} | "
+            lines.append(f"| {label} | {seed} | {co_cell(job)} | {best} | {' | '.join(cells)} | {check_cell(job)} | "
                          f"{PUBLISHED.get((block, run), '') if variant == 'base' else ''} |")
         if len(seeds) > 1:
             means = []
@@ -101,12 +118,13 @@ def block_section(block: str, seeds: dict, diffs: list[dict]) -> list[str]:
                 vals = [sum(f) / len(f) for ev in seeds.values()
                         if (job := ev["jobs"].get(f"{run}.{variant}")) and (f := _flags(job, metric))]
                 means.append(_seed_mean(vals) if vals else "–")
-            lines.append(f"| {label} | mean ± sd [95 % t] | | | {' | '.join(means)} | |")
+            lines.append(f"| {label} | mean ± sd [95 % t] | | | {' | '.join(means)} | | |")
     mine = [d for d in diffs if d["block"] == block]
     if mine:
         lines += ["", "DER − base on the same test images (percentage points, Newcombe's paired 95 % interval, "
                       "exact McNemar p, Holm-adjusted over every comparison on this page):", ""]
-        lines += ["| Run | Seed | " + " | ".join(name for _, name in METRICS) + " |", "|---|---|---:|---:|---:|"]
+        lines += ["| Run | Seed | " + " | ".join(name for _, name in METRICS) + " |",
+                  "|---|---|" + "---:|" * len(METRICS)]
         keyed = {(d["run"], d["seed"], d["metric"]): d for d in mine}
         for run, seed in sorted({(d["run"], d["seed"]) for d in mine}):
             cells = [stats.fmt_diff(keyed[(run, seed, m)]) if (run, seed, m) in keyed else "–" for m, _ in METRICS]
@@ -146,12 +164,11 @@ def co_verdict(evidence: dict) -> str:
             for run in paper_blocks.BLOCKS[block].runs:
                 base, der = ev["jobs"].get(f"{run}.base"), ev["jobs"].get(f"{run}.der")
                 if base and der and block.startswith("co") and base["train"].get("co_at_end"):
-                    pairs.append((block, seed, run, base["train"], der["train"]))
+                    pairs.append((block, seed, run, base["train"], der))
     if not pairs:
         return "unresolved: no collapsing base run has a DER twin yet"
-    kept = [p for p in pairs if not p[4].get("co_at_end")]
-    detail = "; ".join(f"{b} {r} seed {s}: base CO epoch {t['co_epoch']}, DER "
-                       f"{'CO epoch ' + str(d['co_epoch']) if d.get('catastrophic_overfitting') else 'no CO'}"
+    kept = [p for p in pairs if not p[4]["train"].get("co_at_end") and not at_chance(p[4])]
+    detail = "; ".join(f"{b} {r} seed {s}: base CO epoch {t['co_epoch']}, DER " + _der_outcome(d)
                        for b, s, r, t, d in pairs)
     if not kept:
         verdict = "not supported"
@@ -163,17 +180,49 @@ def co_verdict(evidence: dict) -> str:
             f"collapsing base runs ({detail})")
 
 
+def _der_outcome(job: dict) -> str:
+    if at_chance(job):
+        return "at chance (no CO, nothing learned)"
+    if job["train"].get("catastrophic_overfitting"):
+        return f"CO epoch {job['train']['co_epoch']}"
+    return "no CO"
+
+
+def lambda_verdict(evidence: dict) -> str:
+    """FGSM + DER at 16/255 per weight λ, from the co16-lambda block and co16-fgsm's DER run (λ 1)."""
+    found = {}
+    for block in ("co16-lambda", "co16-fgsm"):
+        for seed, ev in sorted(evidence.get(block, {}).items()):
+            for run, spec in paper_blocks.BLOCKS[block].runs.items():
+                if (job := ev["jobs"].get(f"{run}.der")) is not None:
+                    found.setdefault(spec["der"]["lambda"], []).append((block, seed, job))
+    if not found:
+        return "unresolved: no FGSM + DER run yet"
+    parts = []
+    for lam, runs in sorted(found.items()):
+        outcomes = ", ".join(f"{_der_outcome(job)}, PGD-50-10 {accuracy_cell(job, 'pgd50')} ({block} seed {seed})"
+                             for block, seed, job in runs)
+        parts.append(f"λ {lam:g}: {outcomes}")
+    missing = sorted({spec["der"]["lambda"] for spec in paper_blocks.BLOCKS["co16-lambda"].runs.values()} - set(found))
+    tail = f"; not run yet: λ {', '.join(f'{m:g}' for m in missing)}" if missing else ""
+    return "; ".join(parts) + tail
+
+
 def gpu_time(evidence: dict) -> list[str]:
     """Measured seconds of every job beside the cost model's expectation, and the cost of every block once."""
-    lines = ["## GPU time", "", "| Block | Seed | Job | Device | Train (s) | Evaluate (s) | Expected (s) |",
-             "|---|---|---|---|---:|---:|---:|"]
+    lines = ["## GPU time", "",
+             "Jobs without a code digest ran before the classifier's logits were computed in fp32 under bf16 autocast "
+             "and before the per-image worst case and the paired attack check were added.", "",
+             "| Block | Seed | Job | Device | Code | Train (s) | Evaluate (s) | Expected (s) | Note |",
+             "|---|---|---|---|---|---:|---:|---:|---|"]
     for block, seeds in evidence.items():
         for seed, ev in sorted(seeds.items()):
             for job, rec in ev["block"].get("jobs", {}).items():
                 if rec.get("status") == "done":
                     expected = paper_blocks.block_seconds(block, jobs=[job])
-                    lines.append(f"| {block} | {seed} | {job} | {ev['block'].get('device', '')} | "
-                                 f"{rec['train_seconds']:.0f} | {rec['eval_seconds']:.0f} | {expected:.0f} |")
+                    lines.append(f"| {block} | {seed} | {job} | {rec.get('device', ev['block'].get('device', ''))} | "
+                                 f"{rec.get('code', '–')} | {rec['train_seconds']:.0f} | {rec['eval_seconds']:.0f} | "
+                                 f"{expected:.0f} | {rec.get('note', '')} |")
     total = sum(paper_blocks.block_seconds(b) for b in paper_blocks.BLOCKS)
     lines += ["", f"Every block once (one seed), expected: ~{total / 60:.0f} min on one H200 "
                   "(`paper_blocks.block_seconds`, from the measured training throughput).", ""]
@@ -199,13 +248,17 @@ def page(evidence: dict) -> str:
         "single-step runs: 30 epochs, cyclic LR to 0.2 (RS-FGSM α = 1.25ε with projection, N-FGSM noise 2ε, α = ε, "
         "no projection). bf16 autocast + CUDA graphs on one GPU. Final checkpoint: PGD-50 with 10 restarts on the "
         "first 2,000 test images, standard AutoAttack on the first 500 of them (fewer than the whole test set: one "
-        "block must fit a short GPU window). Accuracies in %, Wilson 95 % intervals, the sample size in brackets.",
+        "block must fit a short GPU window). Accuracies in %, Wilson 95 % intervals, the sample size in brackets. "
+        "Worst case: an image counts as robust only if it survives both PGD-50-10 and AutoAttack (on the AutoAttack "
+        "images). PGD / AA missed: the images PGD left standing that AutoAttack broke, and the reverse, with the "
+        "exact one-sided binomial p of the first count; a small p says PGD alone overstates the model's robustness.",
         "",
         "## Claims",
         "",
         "| Claim of the paper | Verdict here |",
         "|---|---|",
         f"| DER prevents catastrophic overfitting of single-step AT | {co_verdict(evidence)} |",
+        f"| (not published) DER's weight for single-step AT, FGSM at 16/255 | {lambda_verdict(evidence)} |",
         "| DER reduces robust overfitting of PGD-AT | " + ("see the `ro` block below" if "ro" in evidence
                                                         else "unresolved: the `ro` block has not run yet") + " |",
         "| Class-wise (local) PCA starts + energy-guided stopping improve generation | unresolved: no generation "
