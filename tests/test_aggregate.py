@@ -263,6 +263,38 @@ def test_robust_overfitting_gap_and_der_gain_paired_over_seeds():
     assert "| last.pgd50_acc_lo |" not in md  # Wilson bounds of one seed: in the JSON only
 
 
+def test_robust_overfitting_reports_the_worst_case_and_the_paired_attack_check():
+    """With per-image worst-case accuracies and the PGD-vs-APGD check in the eval files, the RO table gains the
+    worst-case gap, the worst-case DER gain, and the check per seed."""
+    runs = {"pgd": {"method": "pgd", "eps": 0.2}}
+
+    def ev(best, last, worst_best, worst_last, missed):
+        return {**ro_eval(best, last, 0.8), "best.worst_acc": worst_best, "last.worst_acc": worst_last,
+                **{f"{ck}.check.{k}": v for ck in ("best", "last")
+                   for k, v in (("pgd_missed", missed), ("apgd_missed", 0), ("n", 1000), ("p", 0.5 ** missed))}}
+
+    rows = [exp(f"ro-s{i}", str(i + 1) * 40, params(i, runs=runs),
+                {"metrics/eval/pgd.base.json": ev(0.50, 0.46, 0.45, 0.42, 2),
+                 "metrics/eval/pgd.der.json": ev(0.52, 0.50, 0.44 + 0.01 * i, 0.43 + 0.01 * i, 12)})
+            for i in range(3)]
+    groups, _ = aggregate.group(aggregate.experiments(show(experiments=rows), head=None)[0])
+    rep = aggregate.report(groups, {})
+    ro = rep["groups"][0]["robust_overfitting"]["pgd"]
+    assert ro["gap_worst"]["base"]["values"] == pytest.approx([0.03] * 3)
+    assert ro["der_gain_last"]["worst_acc"]["values"] == pytest.approx([0.01, 0.02, 0.03])
+    assert ro["attack_check"]["der.last"][2] == {"pgd_missed": 12, "apgd_missed": 0, "n": 1000, "p": 0.5 ** 12}
+    # Holm's family is the whole table: 3 gaps of PGD, 2 worst-case gaps, 4 DER gains (clean, PGD-50, worst)
+    held = [r for r in (*ro["gap"].values(), ro["gap_change"], *ro["gap_worst"].values(),
+                        *ro["der_gain_last"].values()) if r["paired_t_p"] is not None]
+    assert all(r["paired_t_p_holm"] >= r["paired_t_p"] for r in held)
+    gain = ro["der_gain_last"]["worst_acc"]  # +1, +2, +3 points: t = 2 / (1 / sqrt 3)
+    assert gain["paired_t_p"] == pytest.approx(2 * sps.t.sf(2 * math.sqrt(3), 2))
+    md = aggregate.markdown(rep)
+    assert "| DER gain, last checkpoint, worst case | +2.0 ± 1.0 | [-0.5, +4.5] |" in md
+    assert "| + DER, last | 12 / 0 of 1000 (p < 0.001) | 12 / 0 of 1000 (p < 0.001) | 12 / 0 of 1000 (p < 0.001) |" in md
+    assert "| base, best | 2 / 0 of 1000 (p 0.250) |" in md
+
+
 def test_paired_t_without_spread_is_not_computable():
     """Every seed's gap is 0.04 (up to float noise in best − last): no t-test, shown as n/a and left out of Holm."""
     runs = {"pgd": {"method": "pgd", "eps": 0.2}}

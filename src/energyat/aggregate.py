@@ -380,17 +380,26 @@ def robust_overfitting(g: Group, flags: dict[tuple[str, str, str], dict]) -> dic
         def fl(m, v, ck, key):
             return flag_vector(flags.get((m.rev, run, v)), ck, key)
 
-        res = {"method": cfg["method"], "pgd": pgd, "gap": {}}
-        for v in VARIANTS:
-            last = [e[f"last.{pgd}"] for e in evals[v]]
-            best = [e[f"best.{pgd}"] for e in evals[v]]
-            res["gap"][v] = _paired(last, best, [(fl(m, v, "last", pgd), fl(m, v, "best", pgd)) for m in g.members])
+        def gaps(key):
+            return {v: _paired([e[f"last.{key}"] for e in evals[v]], [e[f"best.{key}"] for e in evals[v]],
+                               [(fl(m, v, "last", key), fl(m, v, "best", key)) for m in g.members])
+                    for v in VARIANTS}
+
+        res = {"method": cfg["method"], "pgd": pgd, "gap": gaps(pgd)}
         res["gap_change"] = _paired(res["gap"]["base"]["values"], res["gap"]["der"]["values"])
-        keys = [k for k in ("clean_acc", pgd, "aa_acc") if all(f"last.{k}" in e for v in VARIANTS for e in evals[v])]
+        if all(f"{ck}.worst_acc" in e for v in VARIANTS for e in evals[v] for ck in ("best", "last")):
+            res["gap_worst"] = gaps("worst_acc")  # per image over every attack run (on a prefix of the images)
+        keys = [k for k in ("clean_acc", pgd, "aa_acc", "worst_acc")
+                if all(f"last.{k}" in e for v in VARIANTS for e in evals[v])]
         res["der_gain_last"] = {
             k: _paired([e[f"last.{k}"] for e in evals["base"]], [e[f"last.{k}"] for e in evals["der"]],
                        [(fl(m, "base", "last", k), fl(m, "der", "last", k)) for m in g.members]) for k in keys}
-        rows = [*res["gap"].values(), res["gap_change"], *res["der_gain_last"].values()]  # one table, one family
+        res["attack_check"] = {  # per seed: images PGD left standing that APGD/AutoAttack broke, the reverse, p
+            f"{v}.{ck}": [{k: e.get(f"{ck}.check.{k}") for k in ("pgd_missed", "apgd_missed", "n", "p")}
+                          for e in evals[v]]
+            for v in VARIANTS for ck in ("best", "last") if all(f"{ck}.check.p" in e for e in evals[v])}
+        rows = [*res["gap"].values(), res["gap_change"], *res.get("gap_worst", {}).values(),
+                *res["der_gain_last"].values()]  # one table, one family
         for row, p in zip(rows, stats.holm([r["paired_t_p"] for r in rows])):
             row["paired_t_p_holm"] = p
         out[run] = res
@@ -427,7 +436,7 @@ def _row(key: str, s: dict) -> str:
     return f"| {key} | {_g(s['mean'])} ± {_g(s['std'])} | [{_g(s['lo'])}, {_g(s['hi'])}] | {s['n']} | {seeds} |"
 
 
-def _ro_lines(run: str, ro: dict) -> list[str]:
+def _ro_lines(run: str, ro: dict, seeds: list) -> list[str]:
     name = METHOD_NAMES.get(ro["method"], ro["method"])
     pgd = f"PGD-{ro['pgd'][3:-4]}"
     lines = [f"**Robust overfitting, run `{run}` ({name})**: percentage points, mean ± std over seeds [95 % "
@@ -446,9 +455,19 @@ def _ro_lines(run: str, ro: dict) -> list[str]:
     for v in VARIANTS:
         lines.append(row(f"best − last {pgd}, {'base' if v == 'base' else '+ DER'}", ro["gap"][v]))
     lines.append(row(f"gap change with DER (DER − base) {pgd}", ro["gap_change"]))
+    for v, d in ro.get("gap_worst", {}).items():
+        lines.append(row(f"best − last worst case, {'base' if v == 'base' else '+ DER'}", d))
     for k, d in ro["der_gain_last"].items():
-        label = {"clean_acc": "clean", "aa_acc": "AutoAttack"}.get(k, f"PGD-{k[3:-4]}")
+        label = {"clean_acc": "clean", "aa_acc": "AutoAttack", "worst_acc": "worst case"}.get(k, f"PGD-{k[3:-4]}")
         lines.append(row(f"DER gain, last checkpoint, {label}", d))
+    if ro.get("attack_check"):
+        lines += ["", "Paired attack check per seed (images the PGD attack left standing that APGD / AutoAttack "
+                      "broke, the reverse, of n; exact one-sided binomial p, unadjusted):", "",
+                  "| Model, checkpoint | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---:|" * len(seeds)]
+        for key, seeds in ro["attack_check"].items():
+            v, ck = key.split(".")
+            cells = [f"{c['pgd_missed']} / {c['apgd_missed']} of {c['n']} (p {stats.fmt_p(c['p'])})" for c in seeds]
+            lines.append(f"| {'base' if v == 'base' else '+ DER'}, {ck} | {' | '.join(cells)} |")
     return lines + [""]
 
 
@@ -474,7 +493,7 @@ def markdown(rep: dict) -> str:
                   "Members: " + ", ".join(f"`{m['name']}` ({m['rev'][:7]}, seed {m['seed']})" for m in g["members"])
                   + "; baseline commit(s): " + ", ".join(sorted({m["baseline"][:7] for m in g["members"]})) + ".", ""]
         for run, ro in g["robust_overfitting"].items():
-            lines += _ro_lines(run, ro)
+            lines += _ro_lines(run, ro, g["seeds"])
         # a summary.json equal in every seed is the baseline's, not re-made by the experiments (they ran no
         # `report`): the stage files then carry the results
         summary = g["metrics"].get(SUMMARY)
