@@ -431,6 +431,31 @@ def test_co_study_settings_and_eps_labels():
 
 # ------------------------------------------------------------------------------------------------------ CLI
 
+def test_cells_without_evidence_are_kept_marked_unless_re_run():
+    def cell(label, eps, pgd):
+        acc = {"mean": pgd, "std": 0.0, "n": 3, "lo": pgd, "hi": pgd}
+        return {"label": label, "eps": eps, "n": 3, "seeds": [], "co_at_end": 0, "diverged": 0,
+                "catastrophic_overfitting": 0, "stats": {"pgd50_acc": acc, "clean_acc": acc}}
+
+    earlier = {"settings": [{"title": "fashion-mnist", "label": "", "pgd": "pgd50_acc", "eps": [0.1, 0.3],
+                             "rows": ["FGSM", "RS-FGSM"],
+                             "cells": [cell("FGSM", 0.3, 0.0), cell("RS-FGSM", 0.3, 0.2), cell("FGSM", 0.1, 0.4)]}]}
+    fresh = {"settings": [{"title": "fashion-mnist", "label": "", "pgd": "pgd50_acc", "eps": [0.3], "rows": ["FGSM"],
+                           "cells": [{**cell("FGSM", 0.3, 0.01), "stats": {
+                               **cell("FGSM", 0.3, 0.01)["stats"],
+                               "worst_acc": {"mean": 0.004, "std": 0.002, "n": 3, "lo": 0.0, "hi": 0.01}}}]}]}
+    merged = co_study.with_aggregates_only(fresh, earlier)
+    assert [s.get("evidence") for s in merged["settings"]] == [None, co_study.AGGREGATES_ONLY]
+    old = merged["settings"][1]
+    assert [(c["label"], c["eps"]) for c in old["cells"]] == [("RS-FGSM", 0.3), ("FGSM", 0.1)]  # FGSM 0.3 re-run
+    assert old["rows"] == ["FGSM", "RS-FGSM"] and old["eps"] == [0.1, 0.3]
+    md = co_study.markdown(merged)
+    assert "## fashion-mnist — evidence in `metrics/studies/co/`" in md and "## fashion-mnist — aggregates only" in md
+    assert md.count("**Worst-case accuracy (%)**") == 1  # only the re-run setting has a worst case
+    assert "| FGSM | 0.4 ± 0.2 |" in md and "| FGSM | 40.0 ± 0.0 | – |" in md
+    assert co_study.with_aggregates_only(fresh, {"settings": []}) == fresh
+
+
 def test_cli_refusal_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")

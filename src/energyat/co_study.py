@@ -28,6 +28,7 @@ from .report import METHOD_NAMES, family
 
 COUNTS = ("co_at_end", "catastrophic_overfitting", "diverged")
 EPS = "train.eps"
+AGGREGATES_ONLY = "aggregates only"  # a setting kept from an earlier table whose experiments' evidence was lost
 
 
 def fmt_eps(eps: float) -> str:
@@ -63,7 +64,7 @@ def _rows(g: Group) -> list[dict]:
 
 
 def _accuracy_keys(pgd: str | None) -> list[str]:
-    return [k for k in ("clean_acc", pgd, "aa_acc") if k]
+    return [k for k in ("clean_acc", pgd, "aa_acc", "worst_acc") if k]
 
 
 def _own(m, cell: dict, ev: dict, tr: dict) -> bool:
@@ -142,6 +143,20 @@ def study(groups: list[Group]) -> dict:
     return {"settings": out}
 
 
+def with_aggregates_only(st: dict, earlier: dict) -> dict:
+    """`st` plus the cells of `earlier` (a co_study.json whose experiments left no evidence) that `st` has not
+    re-run (same dataset, row and ε): those settings are marked AGGREGATES_ONLY and come after the others."""
+    fresh = {(s["title"], c["label"], c["eps"]) for s in st["settings"] for c in s["cells"]}
+    kept = []
+    for s in earlier["settings"]:
+        cells = [c for c in s["cells"] if (s["title"], c["label"], c["eps"]) not in fresh]
+        if cells:
+            labels = {c["label"] for c in cells}
+            kept.append({**s, "evidence": AGGREGATES_ONLY, "eps": sorted({c["eps"] for c in cells}),
+                         "rows": [r for r in s["rows"] if r in labels], "cells": cells})
+    return {"settings": [*st["settings"], *kept]}
+
+
 def _title(flat: dict) -> str:
     """A setting's heading: its dataset, and the file an image folder came from."""
     dataset, source = flat.get("data.dataset") or "dataset of params.yaml", flat.get("data.source")
@@ -163,19 +178,31 @@ def markdown(st: dict) -> str:
              "`metrics/co_study.json`); collapsed: seeds whose final model is in catastrophic overfitting "
              "(`co_at_end`), and seeds that diverged at some epoch (validation clean accuracy fell below twice chance "
              "after having been above it; the clean-accuracy table shows whether the final model recovered), of the "
-             "seeds run. Made by "
+             "seeds run; worst case: per image, robust only if it survived every attack run on it (PGD with its "
+             "restarts, APGD-CE + APGD-T, AutoAttack), on the images APGD or AutoAttack ran on. Made by "
              "`energyat aggregate --co-study`.", ""]
     if not st["settings"]:
         lines.append("No finished experiment with single-step runs.")
+    mixed = any(s.get("evidence") == AGGREGATES_ONLY for s in st["settings"])
     for s in st["settings"]:
+        legacy = s.get("evidence") == AGGREGATES_ONLY
+        if s["label"] or len(st["settings"]) > 1:
+            where = f" — {AGGREGATES_ONLY}" if legacy else (" — evidence in `metrics/studies/co/`"
+                                                            if mixed else "")
+            lines += [f"## {s['title']}{where}", ""]
         if s["label"]:
-            lines += [f"## {s['title']}", "", f"Params that set this setting apart: {s['label']}.", ""]
+            lines += [f"Params that set this setting apart: {s['label']}.", ""]
+        if legacy:
+            lines += [f"*{AGGREGATES_ONLY.capitalize()}*: the per-run evidence of these experiments (flags, "
+                      "histories) was not kept; the numbers come from the table they made, "
+                      "`metrics/studies/co/aggregates-only.json`. Cells re-run since are in the settings above.", ""]
         cells = {(c["label"], c["eps"]): c for c in s["cells"]}
         n_max = max(c["n"] for c in s["cells"])
         head = "| Method | " + " | ".join(f"ε = {fmt_eps(e)}" for e in s["eps"]) + " |"
         sep = "|---|" + "---:|" * len(s["eps"])
         tables = [(f"PGD-{s['pgd'][3:-4]}", s["pgd"])] if s["pgd"] else []
-        for title, key in [*tables, ("AutoAttack", "aa_acc"), ("Clean", "clean_acc")]:
+        worst = [("Worst-case", "worst_acc")] if any(c["stats"].get("worst_acc") for c in s["cells"]) else []
+        for title, key in [*tables, ("AutoAttack", "aa_acc"), *worst, ("Clean", "clean_acc")]:
             lines += [f"**{title} accuracy (%)**", "", head, sep]
             for row in s["rows"]:
                 lines.append(f"| {row} | " + " | ".join(

@@ -34,6 +34,7 @@ FLAGS = "metrics/eval/{run}.{variant}.flags.json"
 HISTORY = "plots/history/{run}.{variant}.tsv"
 STUDIES = Path("metrics/studies")
 RECORD = "experiment.json"
+CO_AGGREGATES_ONLY = STUDIES / "co/aggregates-only.json"  # cells of experiments whose evidence was not kept
 
 
 def _dvc(*args: str) -> str:
@@ -140,7 +141,8 @@ def run(params: Params, names: list[str], co: bool = False, export: str = "") ->
         return
     committed, folders = _committed()
     exps = aggregate.merge(committed, live)
-    if not exps:  # a clone without refs or evidence: the committed aggregates are all there is, keep them
+    if not exps and not (co and CO_AGGREGATES_ONLY.is_file()):
+        # a clone without refs or evidence: the committed aggregates are all there is, keep them
         raise UserError(f"no experiments to aggregate: no evidence under {STUDIES}/ and no experiment refs; "
                         "metrics/seeds.* and metrics/co_study.* left as they are")
     if names:
@@ -150,6 +152,8 @@ def run(params: Params, names: list[str], co: bool = False, export: str = "") ->
         for note in notes:
             log(f"aggregate: {note}")
         study = co_study.study(groups)
+        if CO_AGGREGATES_ONLY.is_file():
+            study = co_study.with_aggregates_only(study, read_json(CO_AGGREGATES_ONLY))
         write_json("metrics/co_study.json", study)
         write_text("metrics/co_study.md", co_study.markdown(study))
         cells = sum(len(s["cells"]) for s in study["settings"])
