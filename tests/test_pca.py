@@ -88,3 +88,25 @@ def test_classwise_fits_each_class_and_rejects_a_single_image():
         pca.classwise(x[:8], y[:8], 3, 0.95)
     with pytest.raises(ValueError, match="at least 2 rows"):
         pca.fit(torch.rand(1, 5), 0.9)
+
+
+def test_start_spread_follows_the_class_size_for_global_and_local_fits():
+    """The ECCV code scales start coefficients by the raw singular values of the class fit (s = sd·√(n − 1)); a
+    local fit of k neighbours reports its spread at the class's size too, so one σ_pca means the same for both."""
+    x, _, _ = known_spectrum(n=40, s=(4.0, 3.0, 2.0, 1.0))
+    whole = pca.fit(x, 1.0)
+    torch.testing.assert_close(whole["spread"], torch.tensor([4.0, 3.0, 2.0, 1.0]), atol=1e-5, rtol=0)
+    # a class of 2,000 images from one Gaussian (sd 0.05 and 0.02 along two axes): the raw singular values of a
+    # 200-image local fit are ~√(1999/199) ≈ 3.2 times smaller than the global ones, the spreads are not
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(2000, 2, generator=g, dtype=torch.float64) * torch.tensor([0.05, 0.02], dtype=torch.float64)
+    y = torch.zeros(2000, dtype=torch.int64)
+    (global_fit,) = pca.classwise(data.float(), y, 1, 1.0)
+    local, _, anchors = pca.local_classwise(data.float(), y, 1, 1.0, k=200, n_anchors=1, generator=torch.Generator())
+    torch.testing.assert_close(global_fit["spread"], torch.tensor([0.05, 0.02]) * 1999 ** 0.5, rtol=0.05, atol=0)
+    ratio = global_fit["singular_values"][0] / local[0]["singular_values"][0]
+    assert ratio > 2.5  # the neighbours of one anchor are also closer together than the class
+    # the local spread is its neighbours' sd at the class's size: sd_local * sqrt(1999)
+    neighbours = data.float()[pca.nearest(data.float(), data.float()[anchors[0]], 200)]
+    sd_local = pca.encode(local[0], neighbours).std(0)
+    torch.testing.assert_close(local[0]["spread"], sd_local * 1999 ** 0.5, rtol=1e-4, atol=0)

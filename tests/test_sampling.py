@@ -209,7 +209,7 @@ def test_inits_registry_and_their_distributions():
     assert (dist[y == 0, 0] < 1e-6).any() and (dist[y == 0, 1] < 1e-6).any()  # both fits of class 0 in use
     sigma = 0.5
     starts = sampling.INITS["pca-global"].draw(y[400:], sampling.PcaBank([fits[2]], torch.tensor([1])), (6,), sigma, g)
-    alpha = pca.encode(fits[2], starts) / fits[2]["singular_values"]
+    alpha = pca.encode(fits[2], starts) / fits[2]["spread"]
     torch.testing.assert_close(alpha.std(0), torch.full((6,), sigma), atol=0.06, rtol=0)
     state = g.get_state()
     x0 = sampling.INITS["uniform"].draw(y, None, (1, 2, 3), 0.0, g)

@@ -2,8 +2,15 @@
 
 A fit is a plain dict of tensors (storable with weights_only loading):
 `mean` (D,), `components` U (r, D) with orthonormal rows, `singular_values` s (r,) of the centred
-data matrix, `explained_variance_ratio` (r,) — each component's share of the total variance —
-and `retained` (scalar), their sum. Images are flattened to D = C·H·W values in [0, 1].
+data matrix, `explained_variance_ratio` (r,) — each component's share of the total variance —,
+`retained` (scalar), their sum, and `spread` (r,): the scale of each start coefficient (sampling.pca_init).
+Images are flattened to D = C·H·W values in [0, 1].
+
+Spread convention: the ECCV 2024 predecessor's public code draws αᵢ = σ_pca·sᵢ·N(0, 1) with sᵢ the raw
+singular values of a PCA of the whole class (sklearn's `singular_values_`), i.e. sᵢ = sdᵢ·√(n − 1) for the
+component's standard deviation sdᵢ over the n class images. A global fit keeps exactly that. A local fit sees only
+its k neighbours, whose raw singular values are √((n − 1)/(k − 1)) times smaller for the same variance; its spread
+is sdᵢ·√(n − 1) with n the class's image count too, so that one σ_pca means the same for global and local starts.
 
 The SVD runs in float64: the kept-component count comes from a cumulative sum over all
 singular values, and in float32 the tail (near-constant border pixels of Fashion-MNIST) is
@@ -11,6 +18,8 @@ rounding noise; at D ≤ 3072 the cost is a fraction of a second per class. Fits
 float32, far finer than the 1/255 pixel quantum.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -35,6 +44,7 @@ def fit(x: Tensor, variance: float) -> dict[str, Tensor]:
         "singular_values": s[:r].float(),
         "explained_variance_ratio": ratio[:r].float(),
         "retained": ratio[:r].sum().float(),
+        "spread": s[:r].float(),
     }
 
 
@@ -79,7 +89,11 @@ def local_classwise(x: Tensor, y: Tensor, num_classes: int, variance: float, k: 
             raise ValueError(f"class {c} has {rows.numel()} image(s); PCA needs at least 2")
         members = x[rows]
         for a in torch.randperm(rows.numel(), generator=generator)[:n_anchors].tolist():
-            fits.append(fit(members[nearest(members, members[a], k)], variance))
+            neighbours = members[nearest(members, members[a], k)]
+            local = fit(neighbours, variance)
+            # the spread at the class's size (module docstring): sd_i * sqrt(n_class - 1)
+            local["spread"] = local["spread"] * math.sqrt((rows.numel() - 1) / (neighbours.shape[0] - 1))
+            fits.append(local)
             classes.append(c)
             anchors.append(int(rows[a]))
     return fits, torch.tensor(classes, dtype=torch.int64), torch.tensor(anchors, dtype=torch.int64)

@@ -99,7 +99,8 @@ def gaussian_init(y: Tensor, prior: ClassGaussian, shape: tuple[int, ...], sigma
 
 
 def pca_init(y: Tensor, prior: PcaBank, shape: tuple[int, ...], sigma_pca: float, generator: torch.Generator) -> Tensor:
-    """x₀ = μ + Σᵢ sᵢ·αᵢ·Uᵢ, αᵢ ~ N(0, σ_pca²), from a random fit of the label's class, clipped to [0, 1]."""
+    """x₀ = μ + Σᵢ sᵢ·αᵢ·Uᵢ, αᵢ ~ N(0, σ_pca²), from a random fit of the label's class, clipped to [0, 1]; sᵢ is
+    the fit's `spread` (pca.py: the class-size convention of the ECCV 2024 code, for global and local fits)."""
     device = generator.device
     choice = torch.empty_like(y)
     for c in y.unique().tolist():
@@ -112,8 +113,8 @@ def pca_init(y: Tensor, prior: PcaBank, shape: tuple[int, ...], sigma_pca: float
     for f in choice.unique().tolist():
         rows = (choice == f).nonzero().squeeze(1)
         fit = {k: v.to(device) for k, v in prior.fits[f].items()}
-        alpha = sigma_pca * torch.randn((rows.numel(), fit["singular_values"].shape[0]), generator=generator, device=device)
-        x[rows] = pca.decode(fit, alpha * fit["singular_values"])
+        alpha = sigma_pca * torch.randn((rows.numel(), fit["spread"].shape[0]), generator=generator, device=device)
+        x[rows] = pca.decode(fit, alpha * fit["spread"])
     return x.clamp(0, 1).view(-1, *shape)
 
 
