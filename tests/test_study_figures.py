@@ -26,7 +26,7 @@ def test_co_sweep_draws_a_line_per_run_and_variant_over_eps():
 
 def test_seeds_figure_shows_every_seed_and_the_mean():
     rep = json.loads((ROOT / "metrics/seeds.json").read_text())
-    (ax,) = study_figures.seeds_figure(rep).axes
+    ax, _curves = study_figures.seeds_figure(rep).axes
     gain = rep["groups"][0]["robust_overfitting"]["pgd"]["der_gain_last"]["pgd50_acc"]
     dots = [list(line.get_xdata()) for line in ax.get_lines() if len(line.get_xdata()) == len(gain["values"])]
     assert [100 * v for v in gain["values"]] in [[float(x) for x in d] for d in dots]
@@ -50,3 +50,24 @@ def test_history_figure_overlays_base_and_der_per_run_of_the_params():
     assert base == pytest.approx([0.1, 0.2, 0.3]) and der == pytest.approx([0.2, 0.3, 0.4])
     assert pgd_panel.get_title() == "any-name (PGD-AT): validation PGD accuracy"
     assert not axes[2].get_visible() and not axes[len(QUANTITIES) + 3].get_visible()  # nothing to draw there
+
+
+def test_seeds_figure_draws_the_per_epoch_band_over_seeds():
+    from energyat import aggregate
+
+    def history(offset):
+        return [{"epoch": e, "val_pgd_acc": 0.1 * e + offset, "val_clean_acc": 0.5} for e in (1, 2, 3)]
+
+    bands = aggregate.epoch_bands([history(0.0), history(0.02), history(0.04)])
+    assert bands["val_pgd_acc"]["epoch"] == [1, 2, 3]
+    assert bands["val_pgd_acc"]["mean"] == pytest.approx([0.12, 0.22, 0.32])
+    half = 4.302652729749464 * 0.02 / 3 ** 0.5  # t(0.975, 2 df) * sd / sqrt(3)
+    assert bands["val_pgd_acc"]["lo"] == pytest.approx([0.12 - half, 0.22 - half, 0.32 - half])
+    assert bands["val_clean_acc"]["lo"] == pytest.approx([0.5] * 3)  # no spread: the interval is the mean
+    gap = {"values": [0.01, 0.02, 0.03], "mean": 0.02, "lo": 0.0, "hi": 0.04}
+    ro = {"method": "pgd", "pgd": "pgd50_acc", "gap": {"base": gap, "der": gap},
+          "der_gain_last": {"pgd50_acc": gap}, "epochs": {"base": bands, "der": bands}}
+    _, curve = study_figures.seeds_figure({"groups": [{"label": "", "robust_overfitting": {"pgd": ro}}]}).axes
+    (base, der) = [list(line.get_ydata()) for line in curve.lines]
+    assert base == pytest.approx([12.0, 22.0, 32.0]) and der == base
+    assert curve.get_ylabel() == "validation PGD accuracy (%)" and len(curve.collections) == 2

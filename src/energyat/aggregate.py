@@ -362,7 +362,22 @@ def _paired(a: list[float], b: list[float], flag_pairs: list[tuple] | None = Non
     return out
 
 
-def robust_overfitting(g: Group, flags: dict[tuple[str, str, str], dict]) -> dict[str, dict]:
+EPOCH_COLUMNS = ("val_pgd_acc", "val_clean_acc")  # the per-epoch curves pooled over seeds
+
+
+def epoch_bands(histories: list[list[dict]]) -> dict[str, dict[str, list]]:
+    """Per column of EPOCH_COLUMNS, over the epochs every history has: mean and 95 % t-interval over the seeds."""
+    epochs = sorted(set.intersection(*({int(r["epoch"]) for r in h} for h in histories))) if histories else []
+    by_epoch = [{int(r["epoch"]): r for r in h} for h in histories]
+    out = {}
+    for col in EPOCH_COLUMNS:
+        bands = [stats.t_interval([h[e][col] for h in by_epoch]) for e in epochs]
+        out[col] = {"epoch": epochs, **{k: [finite(b[k]) for b in bands] for k in ("mean", "lo", "hi")}}
+    return out
+
+
+def robust_overfitting(g: Group, flags: dict[tuple[str, str, str], dict],
+                       histories: dict[tuple[str, str, str], list[dict]] | None = None) -> dict[str, dict]:
     """Per multi-step run of the group (with base and DER eval files in every seed): the best − last gap of the
     strongest PGD accuracy per variant (b = best, a = last), the change of that gap with DER, and the DER gain on
     the last checkpoint per accuracy key. `flags`: (rev, run, variant) -> that evaluate flags file's content."""
@@ -398,6 +413,9 @@ def robust_overfitting(g: Group, flags: dict[tuple[str, str, str], dict]) -> dic
             f"{v}.{ck}": [{k: e.get(f"{ck}.check.{k}") for k in ("pgd_missed", "apgd_missed", "n", "p")}
                           for e in evals[v]]
             for v in VARIANTS for ck in ("best", "last") if all(f"{ck}.check.p" in e for e in evals[v])}
+        hist = {v: [(histories or {}).get((m.rev, run, v)) for m in g.members] for v in VARIANTS}
+        if all(h for v in VARIANTS for h in hist[v]):
+            res["epochs"] = {v: epoch_bands(hist[v]) for v in VARIANTS}
         rows = [*res["gap"].values(), res["gap_change"], *res.get("gap_worst", {}).values(),
                 *res["der_gain_last"].values()]  # one table, one family
         for row, p in zip(rows, stats.holm([r["paired_t_p"] for r in rows])):
@@ -408,12 +426,14 @@ def robust_overfitting(g: Group, flags: dict[tuple[str, str, str], dict]) -> dic
 
 # ------------------------------------------------------------------------------------------------ output
 
-def report(groups: list[Group], flags: dict[tuple[str, str, str], dict]) -> dict:
-    """The JSON of metrics/seeds.json."""
+def report(groups: list[Group], flags: dict[tuple[str, str, str], dict],
+           histories: dict[tuple[str, str, str], list[dict]] | None = None) -> dict:
+    """The JSON of metrics/seeds.json. `histories`: (rev, run, variant) -> that run's per-epoch history rows."""
     return {"groups": [
         {"id": g.id, "label": label, "seeds": g.seeds,
          "members": [{"name": m.name, "rev": m.rev, "baseline": m.baseline, "seed": m.seed} for m in g.members],
-         "params": g.params, "metrics": metric_stats(g), "robust_overfitting": robust_overfitting(g, flags)}
+         "params": g.params, "metrics": metric_stats(g),
+         "robust_overfitting": robust_overfitting(g, flags, histories)}
         for g, label in zip(groups, labels(groups))]}
 
 

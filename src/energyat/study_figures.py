@@ -33,10 +33,11 @@ def co_sweep_figure(study: dict) -> Figure:
         ax.set_xlabel("ε (/255)" if cifar else "ε")
         ax.set_ylabel(f"final {metric.removesuffix('_acc').upper()} accuracy (%)")
         parts = setting["label"].split(", ")
-        epochs = next((p.split("=")[1] for p in parts if p.startswith("train.epochs=")), "?")
+        epochs = next((f", {p.split('=')[1]} epochs" for p in parts if p.startswith("train.epochs=")), "")
         norm = " (DER normalised by the batch)" if 'der.aae_norm="batch"' in parts else ""
         data = "CIFAR-10 (JPEG copy)" if cifar else setting["title"].split(" ")[0]
-        ax.set_title(f"{data}, {epochs} epochs{norm}", fontsize=9)
+        kept = "\n(aggregates only: evidence not kept)" if setting.get("evidence") else ""
+        ax.set_title(f"{data}{epochs}{norm}{kept}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("Catastrophic overfitting study: robustness against ε (mean over seeds, 95 % t-interval)",
@@ -45,15 +46,22 @@ def co_sweep_figure(study: dict) -> Figure:
 
 
 def seeds_figure(report: dict) -> Figure:
-    """Robust-overfitting study: per seed and as mean with its 95 % t-interval, the best − last gap without and with
-    DER and DER's gain on the last checkpoint (percentage points)."""
+    """Robust-overfitting study, one row per multi-step run. Left: per seed and as mean with its 95 % t-interval,
+    the best − last gap without and with DER and DER's gain on the last checkpoint (percentage points), for the
+    strongest PGD and, where measured, the per-image worst case. Right (where the histories were kept): validation
+    PGD accuracy per epoch, mean over seeds with its 95 % t-interval, without and with DER."""
     rows = [(g["label"], run, ro) for g in report["groups"] for run, ro in (g.get("robust_overfitting") or {}).items()]
-    fig = Figure(figsize=(6.5, 1.0 + 1.6 * max(1, len(rows))))
-    axes = fig.subplots(max(1, len(rows)), 1, squeeze=False)[:, 0]
-    for ax, (label, run, ro) in zip(axes, rows):
-        quantities = [(f"best − last, {METHOD_NAMES.get(ro['method'], run)}", ro["gap"]["base"]),
-                      ("best − last, + DER", ro["gap"]["der"]),
-                      (f"DER gain, last {ro['pgd'].removesuffix('_acc').upper()}", ro["der_gain_last"][ro["pgd"]]),
+    fig = Figure(figsize=(13, 1.4 + 2.2 * max(1, len(rows))))
+    axes = fig.subplots(max(1, len(rows)), 2, squeeze=False, gridspec_kw={"width_ratios": [1.2, 1]})
+    for (ax, curve), (label, run, ro) in zip(axes, rows):
+        pgd = ro["pgd"].removesuffix("_acc").upper()
+        worst = ro.get("gap_worst", {})
+        quantities = [(f"best − last {pgd}, {METHOD_NAMES.get(ro['method'], run)}", ro["gap"]["base"]),
+                      (f"best − last {pgd}, + DER", ro["gap"]["der"]),
+                      ("best − last worst case, base", worst.get("base")),
+                      ("best − last worst case, + DER", worst.get("der")),
+                      (f"DER gain, last {pgd}", ro["der_gain_last"][ro["pgd"]]),
+                      ("DER gain, last worst case", ro["der_gain_last"].get("worst_acc")),
                       ("DER gain, last clean", ro["der_gain_last"].get("clean_acc"))]
         quantities = [(name, s) for name, s in quantities if s]
         for y, (name, s) in enumerate(quantities):
@@ -66,6 +74,21 @@ def seeds_figure(report: dict) -> Figure:
         ax.set_xlabel("percentage points (dots: seeds; diamond: mean, 95 % t-interval)")
         ax.set_title(f"{run} ({len(ro['gap']['base']['values'])} seeds)", fontsize=9)
         ax.grid(alpha=0.3, axis="x")
+        if "epochs" not in ro:
+            curve.axis("off")
+            curve.text(0.5, 0.5, "per-epoch histories not kept", ha="center", va="center", fontsize=8)
+            continue
+        for i, (variant, name) in enumerate((("base", METHOD_NAMES.get(ro["method"], run)), ("der", "+ DER"))):
+            band = ro["epochs"][variant]["val_pgd_acc"]
+            lo = [100 * v if v is not None else 100 * m for v, m in zip(band["lo"], band["mean"])]
+            hi = [100 * v if v is not None else 100 * m for v, m in zip(band["hi"], band["mean"])]
+            curve.plot(band["epoch"], [100 * m for m in band["mean"]], color=f"C{i}", label=name)
+            curve.fill_between(band["epoch"], lo, hi, color=f"C{i}", alpha=0.25, lw=0)
+        curve.set_xlabel("epoch")
+        curve.set_ylabel("validation PGD accuracy (%)")
+        curve.set_title("per epoch: mean over seeds, 95 % t-interval", fontsize=9)
+        curve.grid(alpha=0.3)
+        curve.legend(fontsize=8)
     return fig
 
 
@@ -88,8 +111,13 @@ def headline(study: dict, report: dict) -> dict:
                 out[f"co.{_short(setting)}.eps{eps}.{cell['run']}.{cell['variant']}.{metric}"] = round(s["mean"], 4)
     for g in report["groups"]:
         for run, ro in (g.get("robust_overfitting") or {}).items():
+            worst = ro.get("gap_worst", {})
             for name, s in (("gap_base", ro["gap"]["base"]), ("gap_der", ro["gap"]["der"]),
-                            ("der_gain_last", ro["der_gain_last"][ro["pgd"]])):
+                            ("der_gain_last", ro["der_gain_last"][ro["pgd"]]),
+                            ("gap_worst_base", worst.get("base")), ("gap_worst_der", worst.get("der")),
+                            ("der_gain_last_worst", ro["der_gain_last"].get("worst_acc"))):
+                if not s:
+                    continue
                 for k in ("mean", "lo", "hi"):
                     if s.get(k) is not None:
                         out[f"ro.{run}.{name}.{k}"] = round(s[k], 4)

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from .. import aggregate, co_study
-from ..artifacts import read_json, write_json, write_text
+from ..artifacts import parse_tsv, read_json, read_tsv, write_json, write_text
 from ..errors import UserError
 from ..params import VARIANTS, Params
 from ..report import family
@@ -130,6 +130,23 @@ def _flags(groups: list[aggregate.Group], folders: dict[str, Path]) -> dict[tupl
     return out
 
 
+def _histories(groups: list[aggregate.Group], folders: dict[str, Path]) -> dict[tuple[str, str, str], list[dict]]:
+    """(rev, run, variant) -> the per-epoch history of a multi-step run: committed evidence first, else its commit."""
+    out = {}
+    for g in groups:
+        for run in [run for run, cfg in g.runs().items() if family(cfg["method"]) == "ro"]:
+            for m in g.members:
+                for variant in VARIANTS:
+                    committed = folders.get(m.rev, Path("/nonexistent")) / f"history/{run}.{variant}.tsv"
+                    if committed.is_file():
+                        out[m.rev, run, variant] = read_tsv(committed)
+                        continue
+                    shown = _git("show", f"{m.rev}:{HISTORY.format(run=run, variant=variant)}")
+                    if shown.returncode == 0 and shown.stdout.strip():
+                        out[m.rev, run, variant] = parse_tsv(shown.stdout)
+    return out
+
+
 def run(params: Params, names: list[str], co: bool = False, export: str = "") -> None:
     head = _git("rev-parse", "HEAD")
     live, notes = aggregate.experiments(_exp_show(), head.stdout.strip() if head.returncode == 0 else None,
@@ -165,7 +182,7 @@ def run(params: Params, names: list[str], co: bool = False, export: str = "") ->
         groups, notes = aggregate.group(exps)
     for note in notes:
         log(f"aggregate: {note}")
-    rep = aggregate.report(groups, _flags(groups, folders))
+    rep = aggregate.report(groups, _flags(groups, folders), _histories(groups, folders))
     write_json("metrics/seeds.json", rep)
     write_text("metrics/seeds.md", aggregate.markdown(rep))
     log(f"aggregate: {len(groups)} group(s) of seeds "
