@@ -184,6 +184,7 @@ def markdown(st: dict) -> str:
     if not st["settings"]:
         lines.append("No finished experiment with single-step runs.")
     mixed = any(s.get("evidence") == AGGREGATES_ONLY for s in st["settings"])
+    fresh = any(s.get("evidence") != AGGREGATES_ONLY for s in st["settings"])
     for s in st["settings"]:
         legacy = s.get("evidence") == AGGREGATES_ONLY
         if s["label"] or len(st["settings"]) > 1:
@@ -195,7 +196,8 @@ def markdown(st: dict) -> str:
         if legacy:
             lines += [f"*{AGGREGATES_ONLY.capitalize()}*: the per-run evidence of these experiments (flags, "
                       "histories) was not kept; the numbers come from the table they made, "
-                      "`metrics/studies/co/aggregates-only.json`. Cells re-run since are in the settings above.", ""]
+                      "`metrics/studies/co/aggregates-only.json`."
+                      + (" Cells re-run since are in the settings above." if fresh else ""), ""]
         cells = {(c["label"], c["eps"]): c for c in s["cells"]}
         n_max = max(c["n"] for c in s["cells"])
         head = "| Method | " + " | ".join(f"ε = {fmt_eps(e)}" for e in s["eps"]) + " |"

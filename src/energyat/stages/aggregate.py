@@ -163,7 +163,12 @@ def run(params: Params, names: list[str], co: bool = False, export: str = "") ->
         raise UserError(f"no experiments to aggregate: no evidence under {STUDIES}/ and no experiment refs; "
                         "metrics/seeds.* and metrics/co_study.* left as they are")
     if names:
-        exps = aggregate.select(exps, names)
+        try:
+            exps = aggregate.select(exps, names)
+        except UserError:
+            if not (co and CO_AGGREGATES_ONLY.is_file()):
+                raise
+            exps = []  # only cells kept without evidence: the table is theirs alone
     if co:
         groups, notes = aggregate.group(exps, min_members=1, keep_older=True)
         for note in notes:
