@@ -49,3 +49,14 @@ def test_closure_follows_relative_and_package_imports(tmp_path, monkeypatch):
     monkeypatch.setattr(imports, "ROOT", pkg)
     got = {p.relative_to(pkg).as_posix() for p in imports.closure("energyat.stages.s")}
     assert got == {"__init__.py", "stages/__init__.py", "stages/s.py", "a.py", "b.py", "c.py", "e.py"}
+
+
+def test_a_der_run_trains_after_its_base_run():
+    """A late-DER run forks from the base run's state (stages/train.py), so DVC must order base before DER: the
+    train-der stage depends on an output of the train stage, and otherwise on exactly what training depends on."""
+    stages = dvc_stages()
+    der, base = stage_body(stages["train-der"]), stage_body(stages["train"])
+    base_outs = {next(iter(p)) if isinstance(p, dict) else p for p in base["plots"]} | set(base["outs"])
+    extra = set(der["deps"]) - set(base["deps"])
+    assert extra == {"metrics/train/${key}.base.json"} and extra <= base_outs
+    assert set(base["deps"]) <= set(der["deps"])
