@@ -145,12 +145,7 @@ def read_tsv(path: str | Path) -> list[dict[str, float]]:
     path = Path(path)
     if not path.is_file():
         raise missing(path)
-    return parse_tsv(path.read_text())
-
-
-def parse_tsv(text: str) -> list[dict[str, float]]:
-    """The rows of a numeric TSV's text (see read_tsv)."""
-    header, *lines = text.splitlines()
+    header, *lines = path.read_text().splitlines()
     names = header.split("\t")
     return [{k: float(v) if v else float("nan") for k, v in zip(names, line.split("\t"))} for line in lines if line]
 

@@ -21,10 +21,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from .. import aggregate, co_study
-from ..artifacts import parse_tsv, read_json, read_tsv, write_json, write_text
+from ..artifacts import read_json, read_tsv, write_json, write_text
 from ..errors import UserError
 from ..params import VARIANTS, Params
 from ..report import family
@@ -143,7 +144,9 @@ def _histories(groups: list[aggregate.Group], folders: dict[str, Path]) -> dict[
                         continue
                     shown = _git("show", f"{m.rev}:{HISTORY.format(run=run, variant=variant)}")
                     if shown.returncode == 0 and shown.stdout.strip():
-                        out[m.rev, run, variant] = parse_tsv(shown.stdout)
+                        with tempfile.TemporaryDirectory() as tmp:
+                            (Path(tmp) / "history.tsv").write_text(shown.stdout)
+                            out[m.rev, run, variant] = read_tsv(Path(tmp) / "history.tsv")
     return out
 
 
