@@ -108,45 +108,27 @@ def _export(study: str, exps: list[aggregate.Experiment]) -> None:
         log(f"aggregate: {exp.name} -> {folder}")
 
 
-def _flags(groups: list[aggregate.Group], folders: dict[str, Path]) -> dict[tuple[str, str, str], dict]:
-    """(rev, run, variant) -> the flags file of that experiment's evaluation: from its committed evidence, else from
-    its commit where git has a readable one."""
+def _ro_files(groups: list[aggregate.Group], folders: dict[str, Path], kept: str, source: str, read) -> dict:
+    """(rev, run, variant) -> `read(path)` of one file per multi-step run of every member: the committed evidence
+    (`kept` under its folder) first, else `source` from its commit where git has it; an unreadable file is left out."""
     out = {}
-    for g in groups:
-        runs = [run for run, cfg in g.runs().items() if family(cfg["method"]) == "ro"]
-        for m in g.members:
-            for run in runs:
-                for variant in VARIANTS:
-                    committed = folders.get(m.rev, Path("/nonexistent")) / f"eval/{run}.{variant}.flags.json"
-                    if committed.is_file():
-                        out[m.rev, run, variant] = read_json(committed)
-                        continue
-                    shown = _git("show", f"{m.rev}:{FLAGS.format(run=run, variant=variant)}")
-                    if shown.returncode == 0:
+    with tempfile.TemporaryDirectory() as tmp:
+        for g in groups:
+            for run in [run for run, cfg in g.runs().items() if family(cfg["method"]) == "ro"]:
+                for m in g.members:
+                    for variant in VARIANTS:
+                        path = folders.get(m.rev, Path("/nonexistent")) / kept.format(run=run, variant=variant)
+                        if not path.is_file():
+                            shown = _git("show", f"{m.rev}:{source.format(run=run, variant=variant)}")
+                            if shown.returncode or not shown.stdout.strip():
+                                continue
+                            path = Path(tmp) / f"{m.rev}.{run}.{variant}"
+                            path.write_text(shown.stdout)
                         try:
-                            out[m.rev, run, variant] = json.loads(shown.stdout)
-                        except json.JSONDecodeError:
-                            log(f"aggregate: {m.name}: {FLAGS.format(run=run, variant=variant)} is not valid JSON; "
-                                "no McNemar test for it")
-    return out
-
-
-def _histories(groups: list[aggregate.Group], folders: dict[str, Path]) -> dict[tuple[str, str, str], list[dict]]:
-    """(rev, run, variant) -> the per-epoch history of a multi-step run: committed evidence first, else its commit."""
-    out = {}
-    for g in groups:
-        for run in [run for run, cfg in g.runs().items() if family(cfg["method"]) == "ro"]:
-            for m in g.members:
-                for variant in VARIANTS:
-                    committed = folders.get(m.rev, Path("/nonexistent")) / f"history/{run}.{variant}.tsv"
-                    if committed.is_file():
-                        out[m.rev, run, variant] = read_tsv(committed)
-                        continue
-                    shown = _git("show", f"{m.rev}:{HISTORY.format(run=run, variant=variant)}")
-                    if shown.returncode == 0 and shown.stdout.strip():
-                        with tempfile.TemporaryDirectory() as tmp:
-                            (Path(tmp) / "history.tsv").write_text(shown.stdout)
-                            out[m.rev, run, variant] = read_tsv(Path(tmp) / "history.tsv")
+                            out[m.rev, run, variant] = read(path)
+                        except (UserError, ValueError):
+                            log(f"aggregate: {m.name}: {source.format(run=run, variant=variant)} is not readable; "
+                                "left out")
     return out
 
 
@@ -190,7 +172,9 @@ def run(params: Params, names: list[str], co: bool = False, export: str = "") ->
         groups, notes = aggregate.group(exps)
     for note in notes:
         log(f"aggregate: {note}")
-    rep = aggregate.report(groups, _flags(groups, folders), _histories(groups, folders))
+    flags = _ro_files(groups, folders, "eval/{run}.{variant}.flags.json", FLAGS, read_json)  # for McNemar
+    histories = _ro_files(groups, folders, "history/{run}.{variant}.tsv", HISTORY, read_tsv)
+    rep = aggregate.report(groups, flags, histories)
     write_json("metrics/seeds.json", rep)
     write_text("metrics/seeds.md", aggregate.markdown(rep))
     log(f"aggregate: {len(groups)} group(s) of seeds "
