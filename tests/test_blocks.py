@@ -10,7 +10,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from energyat import cli, paper_blocks, paper_report
+from energyat import cli, headline, paper_blocks, paper_report
 from energyat import params as P
 from energyat.methods import METHODS
 from energyat.stages import paper_report as paper_report_stage
@@ -108,8 +108,9 @@ def test_block_runner_deadline_resume_evidence_and_page(tmp_path, monkeypatch, c
     assert "### `co16-fgsm`" in page and "| fgsm | 0 |" in page and "`ro` (~" in page
     diffs = paper_report.comparisons(evidence)
     assert {d["metric"] for d in diffs} == {"clean", "pgd50", "aa", "worst"} and all(0 <= d["p_holm"] <= 1 for d in diffs)
-    head = paper_report_stage.summary(evidence)
-    assert head["co16-fgsm.fgsm.base.seed0.clean_acc"] == ev["last.clean_acc"]
+    rows = headline.from_paper(evidence)
+    assert set(rows) == {"co16-fgsm.fgsm.base.seed0", "co16-fgsm.fgsm.der.seed0"}
+    assert rows["co16-fgsm.fgsm.base.seed0"]["clean"] == round(ev["last.clean_acc"], 4)
 
 
 def test_a_bad_block_name_or_data_path_stops_before_any_work(tmp_path, monkeypatch, capsys):

@@ -82,7 +82,8 @@ def fingerprint(repo: Path) -> dict[str, bytes]:
 def test_every_stage_can_be_restored_from_the_run_cache(tmp_path):
     """DVC saves a stage's run to its run-cache only if no output is `persist` (dvc/stage/cache.py, _can_hash) and
     every `cache: false` output is a metric or a plot (dvc/stage/__init__.py, Stage.run). Metrics are JSON of
-    numbers: a per-example flags file is a plot, or `dvc metrics show` would print its strings of 0/1."""
+    numbers: a per-example flags file is a plot, or `dvc metrics show` would print its strings of 0/1; a metrics
+    folder holds headline rows (energyat/headline.py)."""
     from dvc.repo import Repo
 
     shutil.copyfile(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
@@ -97,7 +98,7 @@ def test_every_stage_can_be_restored_from_the_run_cache(tmp_path):
             assert not [o.def_path for o in in_git if not (o.is_metric or o.is_plot)], stage.addressing
             for out in stage.outs:
                 if out.is_metric:
-                    assert out.def_path.endswith(".json") and not out.def_path.endswith(".flags.json"), out.def_path
+                    assert out.def_path.startswith("metrics/headline/") and "." not in out.def_path, out.def_path
 
 
 @pytest.mark.slow
@@ -127,6 +128,12 @@ def test_dvc_repro_tiny_pipeline(tmp_path):
         assert summary[key] == ev[f"{checkpoint}.{metric}_acc"] == pytest.approx(flags.count("1") / len(flags), abs=1e-4)
         assert summary[f"{key}_lo"] <= summary[key] <= summary[f"{key}_hi"]
     assert any(k.startswith("gen.pca-local-adaptive.der.") for k in summary)
+    # `dvc metrics show` reads the headline rows: one per model, difference and sampler, the summary's numbers
+    shown = json.loads(dvc(repo, "metrics", "show", "--json").stdout)
+    rows = {Path(f).name: v["data"] for rev in shown.values() for f, v in rev["data"].items()}
+    assert rows["fgsm.der.last.json"]["pgd"] == round(summary["co.fgsm.der.pgd5_acc"], 4)
+    assert rows["pgd.der-base.best.json"]["pgd"] == round(summary["ro.pgd.der_gain.best.pgd5_acc"], 4)
+    assert "fid" in rows["gen.pca-local-adaptive.der.json"]
     assert "| FGSM + DER | 0.2 |" in (repo / "metrics/co_table.md").read_text()
     assert (repo / "plots/samples/pca-local.base.png").stat().st_size > 0
     for run, variant in (("standard", "base"), ("fgsm", "base"), ("fgsm", "der"), ("pgd", "base"), ("pgd", "der")):

@@ -1,4 +1,4 @@
-"""Figures and headline numbers of the studies, from their committed aggregates (metrics/co_study.json,
+"""Figures of the studies, from their committed aggregates (metrics/co_study.json,
 metrics/seeds.json)."""
 from __future__ import annotations
 
@@ -90,35 +90,3 @@ def seeds_figure(report: dict) -> Figure:
         curve.grid(alpha=0.3)
         curve.legend(fontsize=8)
     return fig
-
-
-def _short(setting: dict) -> str:
-    parts = setting["label"].split(", ")
-    data = "cifar10-jpeg" if "cifar" in setting["title"] else setting["title"].split(" ")[0]
-    return data + ("-batch-norm-der" if 'der.aae_norm="batch"' in parts else "")
-
-
-def headline(study: dict, report: dict) -> dict:
-    """Flat keys for `dvc metrics show`: the CO study's mean final PGD accuracy per setting, ε, run and variant,
-    and the RO study's best − last gaps and DER gain (mean and 95 % t-interval over seeds)."""
-    out = {}
-    for setting in study["settings"]:
-        metric = setting["pgd"]
-        for cell in setting["cells"]:
-            s = (cell.get("stats") or {}).get(metric)
-            if s and s.get("mean") is not None:
-                eps = f"{255 * cell['eps']:.0f}/255" if "cifar" in setting["title"] else f"{cell['eps']:g}"
-                out[f"co.{_short(setting)}.eps{eps}.{cell['run']}.{cell['variant']}.{metric}"] = round(s["mean"], 4)
-    for g in report["groups"]:
-        for run, ro in (g.get("robust_overfitting") or {}).items():
-            worst = ro.get("gap_worst", {})
-            for name, s in (("gap_base", ro["gap"]["base"]), ("gap_der", ro["gap"]["der"]),
-                            ("der_gain_last", ro["der_gain_last"][ro["pgd"]]),
-                            ("gap_worst_base", worst.get("base")), ("gap_worst_der", worst.get("der")),
-                            ("der_gain_last_worst", ro["der_gain_last"].get("worst_acc"))):
-                if not s:
-                    continue
-                for k in ("mean", "lo", "hi"):
-                    if s.get(k) is not None:
-                        out[f"ro.{run}.{name}.{k}"] = round(s[k], 4)
-    return out

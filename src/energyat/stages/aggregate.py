@@ -66,19 +66,20 @@ STAGE_FILES = ("metrics/train/{run}.{variant}.json", "metrics/eval/{run}.{varian
 
 
 def _stage_files(rev: str, params: dict) -> dict:
-    """The per-run train and eval JSON of an experiment's commit (DVC lists them as plots, not metrics)."""
+    """The run's summary and its per-run train and eval JSON in an experiment's commit (DVC lists them as plots,
+    not metrics)."""
     runs = ["standard", *aggregate.runs_of(params.get(aggregate.PARAMS_FILE, {}))]
+    paths = [aggregate.SUMMARY, *(pattern.format(run=run, variant=variant) for run in runs
+                                  for variant in (("base",) if run == "standard" else VARIANTS)
+                                  for pattern in STAGE_FILES)]
     out = {}
-    for run in runs:
-        for variant in (("base",) if run == "standard" else VARIANTS):
-            for pattern in STAGE_FILES:
-                path = pattern.format(run=run, variant=variant)
-                shown = _git("show", f"{rev}:{path}")
-                if shown.returncode == 0:
-                    try:
-                        out[path] = json.loads(shown.stdout)
-                    except json.JSONDecodeError:
-                        log(f"aggregate: {rev[:7]}: {path} is not valid JSON; left out")
+    for path in paths:
+        shown = _git("show", f"{rev}:{path}")
+        if shown.returncode == 0:
+            try:
+                out[path] = json.loads(shown.stdout)
+            except json.JSONDecodeError:
+                log(f"aggregate: {rev[:7]}: {path} is not valid JSON; left out")
     return out
 
 

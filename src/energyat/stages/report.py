@@ -1,4 +1,4 @@
-"""Stage `report`: metrics/summary.json, the CO / RO tables (metrics/co_table.md, metrics/ro_table.md) and the
+"""Stage `report`: metrics/summary.json and its headline rows (metrics/headline/run/), the CO / RO tables (metrics/co_table.md, metrics/ro_table.md) and the
 training table (metrics/train_table.md), and plots/report/histories.png (every run's per-epoch history, base and DER
 overlaid).
 
@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import history_figures, report
+from .. import headline, history_figures, report
 from ..artifacts import read_json, read_tsv, save_figure, write_json, write_text
 from ..params import VARIANTS, Params
 from ..runtime import log
+from . import headline as headline_files
 
 SCORE = Path("metrics/score.json")
+ROWS = Path("metrics/headline/run")
 EVAL = Path("metrics/eval")
 
 
@@ -34,6 +36,7 @@ def run(params: Params) -> None:
     write_text("metrics/co_table.md", co)
     write_text("metrics/ro_table.md", ro)
     write_json("metrics/summary.json", summary)
+    headline_files.write(ROWS, headline.from_summary(summary))
     histories = {(r, v): read_tsv(f"plots/history/{r}.{v}.tsv") for r, v in [("standard", "base"), *pairs]}
     save_figure("plots/report/histories.png",
                 history_figures.histories_figure(histories, {"standard": "standard", **methods}))
