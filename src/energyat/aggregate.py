@@ -350,7 +350,7 @@ def strongest_pgd(evals: list[dict], checkpoint: str = "last") -> str | None:
     return f"pgd{max(steps)}_acc" if steps else None
 
 
-def _paired(a: list[float], b: list[float], flag_pairs: list[tuple] | None = None) -> dict:
+def paired_over_seeds(a: list[float], b: list[float], flag_pairs: list[tuple] | None = None) -> dict:
     """b − a over seeds: t-interval fields, the paired-t p-value and, with `flag_pairs` (one (a, b) pair of flag
     vectors per seed), the per-seed exact McNemar p-values (None where a seed's flags are unreadable)."""
     d = [y - x for x, y in zip(a, b)]
@@ -396,19 +396,21 @@ def robust_overfitting(g: Group, flags: dict[tuple[str, str, str], dict],
             return flag_vector(flags.get((m.rev, run, v)), ck, key)
 
         def gaps(key):
-            return {v: _paired([e[f"last.{key}"] for e in evals[v]], [e[f"best.{key}"] for e in evals[v]],
-                               [(fl(m, v, "last", key), fl(m, v, "best", key)) for m in g.members])
+            return {v: paired_over_seeds([e[f"last.{key}"] for e in evals[v]],
+                                         [e[f"best.{key}"] for e in evals[v]],
+                                         [(fl(m, v, "last", key), fl(m, v, "best", key)) for m in g.members])
                     for v in VARIANTS}
 
         res = {"method": cfg["method"], "pgd": pgd, "gap": gaps(pgd)}
-        res["gap_change"] = _paired(res["gap"]["base"]["values"], res["gap"]["der"]["values"])
+        res["gap_change"] = paired_over_seeds(res["gap"]["base"]["values"], res["gap"]["der"]["values"])
         if all(f"{ck}.worst_acc" in e for v in VARIANTS for e in evals[v] for ck in ("best", "last")):
             res["gap_worst"] = gaps("worst_acc")  # per image over every attack run (on a prefix of the images)
         keys = [k for k in ("clean_acc", pgd, "aa_acc", "worst_acc")
                 if all(f"last.{k}" in e for v in VARIANTS for e in evals[v])]
         res["der_gain_last"] = {
-            k: _paired([e[f"last.{k}"] for e in evals["base"]], [e[f"last.{k}"] for e in evals["der"]],
-                       [(fl(m, "base", "last", k), fl(m, "der", "last", k)) for m in g.members]) for k in keys}
+            k: paired_over_seeds([e[f"last.{k}"] for e in evals["base"]], [e[f"last.{k}"] for e in evals["der"]],
+                                 [(fl(m, "base", "last", k), fl(m, "der", "last", k)) for m in g.members])
+            for k in keys}
         res["attack_check"] = {  # per seed: images PGD left standing that APGD/AutoAttack broke, the reverse, p
             f"{v}.{ck}": [{k: e.get(f"{ck}.check.{k}") for k in ("pgd_missed", "apgd_missed", "n", "p")}
                           for e in evals[v]]

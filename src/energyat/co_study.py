@@ -13,6 +13,11 @@ accuracy as mean ± std over seeds; and from metrics/train/<run>.<variant>.json 
 (validation clean accuracy fell below twice chance at some epoch after having been above it; a run may recover,
 which the clean-accuracy table shows); a seed may be in both. `catastrophic_overfitting` (CO at any epoch, even if
 later recovered) is kept in the JSON.
+
+Where a run's base and DER cells share seeds: `der_gain`, DER minus base per accuracy over those seeds (mean, the
+t-interval, paired-t p, each seed's exact McNemar p from the per-example flags where they were kept), with the
+paired-t p Holm-adjusted over the setting's differences; and per seed the evaluation's paired attack check (images
+PGD left standing that APGD / AutoAttack broke, the reverse, the one-sided binomial p).
 """
 from __future__ import annotations
 
@@ -21,12 +26,14 @@ import math
 from pathlib import Path
 
 from . import stats
-from .aggregate import EVAL, POOL_IGNORE, TRAIN, Group, differing, finite, strongest_pgd
+from .aggregate import (EVAL, POOL_IGNORE, TRAIN, Group, differing, finite, flag_vector, paired_over_seeds,
+                        strongest_pgd)
 from .errors import UserError
 from .params import VARIANTS
 from .report import METHOD_NAMES, family
 
 COUNTS = ("co_at_end", "catastrophic_overfitting", "diverged")
+CHECK = ("pgd_missed", "apgd_missed", "n", "p")  # the evaluate stage's paired attack check (last.check.*)
 EPS = "train.eps"
 AGGREGATES_ONLY = "aggregates only"  # a setting kept from an earlier table whose experiments' evidence was lost
 
@@ -86,8 +93,11 @@ def _seed_record(m, cell: dict, pgd: str | None) -> dict | None:
     tr = m.metrics.get(TRAIN.format(run=cell["run"], variant=cell["variant"])) or {}
     if not (ev or tr) or not _own(m, cell, ev, tr):
         return None
-    return {"seed": m.seed, "name": m.name, "rev": m.rev, **{k: ev.get(f"last.{k}") for k in _accuracy_keys(pgd)},
-            **{k: tr.get(k) for k in COUNTS}}
+    record = {"seed": m.seed, "name": m.name, "rev": m.rev, **{k: ev.get(f"last.{k}") for k in _accuracy_keys(pgd)},
+              **{k: tr.get(k) for k in COUNTS}}
+    if "last.check.p" in ev:
+        record["check"] = {k: ev.get(f"last.check.{k}") for k in CHECK}
+    return record
 
 
 def _newest_record(g: Group, m, cell: dict, pgd: str | None) -> dict | None:
@@ -120,10 +130,38 @@ def _cells(groups: list[tuple[Group, list[dict]]], pgd: str | None) -> dict[tupl
     return cells
 
 
-def study(groups: list[Group]) -> dict:
+def der_gains(cells: list[dict], pgd: str | None, flags: dict[tuple[str, str, str], dict]) -> list[dict]:
+    """DER − base of every run and ε with both cells, over the seeds they share, per accuracy both report; the
+    paired-t p-values Holm-adjusted over all of them (one family per setting). `flags`: (rev, run, variant) -> that
+    evaluate flags file's content, for the per-seed McNemar p (left None where a seed's flags were not kept)."""
+    by_cell = {(c["run"], c["variant"], c["eps"]): c for c in cells}
+    out = []
+    for (run, variant, eps), der in by_cell.items():
+        base = by_cell.get((run, "base", eps))
+        if variant != "der" or base is None:
+            continue
+        base_seeds = {json.dumps(x["seed"]): x for x in base["seeds"]}
+        pairs = [(base_seeds[key], x) for x in der["seeds"] if (key := json.dumps(x["seed"])) in base_seeds]
+        metrics = {}
+        for k in _accuracy_keys(pgd):
+            if pairs and all(isinstance(a.get(k), (int, float)) and isinstance(b.get(k), (int, float))
+                             for a, b in pairs):
+                metrics[k] = paired_over_seeds([a[k] for a, _ in pairs], [b[k] for _, b in pairs],
+                                     [(flag_vector(flags.get((a["rev"], run, "base")), "last", k),
+                                       flag_vector(flags.get((b["rev"], run, "der")), "last", k)) for a, b in pairs])
+        if metrics:
+            out.append({"run": run, "eps": eps, "label": der["label"], "seeds": [b["seed"] for _, b in pairs],
+                        "metrics": metrics})
+    family = [m for d in out for m in d["metrics"].values()]
+    for m, p in zip(family, stats.holm([m["paired_t_p"] for m in family])):
+        m["paired_t_p_holm"] = p
+    return out
+
+
+def study(groups: list[Group], flags: dict[tuple[str, str, str], dict] | None = None) -> dict:
     """The JSON of metrics/co_study.json: per setting its label (the params that set it apart from the other
     settings), the PGD key, its ε columns, row labels and cells (per-seed records, mean ± std with the t-interval
-    per accuracy, collapse counts)."""
+    per accuracy, collapse counts) and the DER − base differences (`der_gains`)."""
     settings: dict[str, list[tuple[Group, list[dict]]]] = {}
     for g in groups:
         if rows := _rows(g):
@@ -139,7 +177,8 @@ def study(groups: list[Group]) -> dict:
             out.append({"title": _title(first.flat_params),
                         "label": ", ".join(f"{k}={json.dumps(first.flat_params.get(k))}" for k in distinct),
                         "pgd": pgd, "eps": sorted({e for _, e in cells}),
-                        "rows": list(dict.fromkeys(label for label, _ in cells)), "cells": list(cells.values())})
+                        "rows": list(dict.fromkeys(label for label, _ in cells)), "cells": list(cells.values()),
+                        "der_gain": der_gains(list(cells.values()), pgd, flags or {})})
     return {"settings": out}
 
 
@@ -218,4 +257,58 @@ def markdown(st: dict) -> str:
                 f"{cells[row, e]['n']}" if (row, e) in cells else "–" for e in s["eps"]) + " |")
         seeds = sorted({x["seed"] for c in s["cells"] for x in c["seeds"]})
         lines += ["", f"Seeds: {', '.join(map(str, seeds))}; (n=k): a cell with fewer seeds than the others.", ""]
+        lines += _gain_lines(s) + _check_lines(s, seeds)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _signed(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:+.1f}"
+
+
+def _pv(v: float | None) -> str:
+    return "–" if v is None else ("< 0.001" if v < 0.001 else f"{v:.3f}")
+
+
+def _gain_lines(s: dict) -> list[str]:
+    """DER − base per run and ε: mean [t-interval], paired-t p (Holm), and each seed's difference (McNemar p)."""
+    gains = s.get("der_gain") or []
+    if not gains:
+        return []
+    keys = [k for k in _accuracy_keys(s["pgd"]) if any(k in d["metrics"] for d in gains)]
+    names = {"clean_acc": "Clean", "aa_acc": "AutoAttack", "worst_acc": "Worst case"}
+    lines = ["**DER − base** (points; mean over the seeds both ran [95 % t-interval], paired-t p and its Holm-adjusted "
+             "value over this setting's differences; below, each seed's difference with its exact McNemar p on the "
+             "same test images)", "",
+             "| Method | ε | " + " | ".join(names.get(k, f"PGD-{k[3:-4]}") for k in keys) + " |",
+             "|---|---|" + "---:|" * len(keys)]
+    per_seed = []
+    for d in gains:
+        cells = []
+        for k in keys:
+            m = d["metrics"].get(k)
+            cells.append("–" if m is None else f"{_signed(m['mean'])} [{_signed(m['lo'])}, {_signed(m['hi'])}], "
+                         f"p {_pv(m['paired_t_p'])} (Holm {_pv(m.get('paired_t_p_holm'))})")
+            if m is not None and k in ("worst_acc", s["pgd"]):
+                seeds = ", ".join(f"seed {seed}: {_signed(v)}" + (f" (p {_pv(p)})" if p is not None else "")
+                                  for seed, v, p in zip(d["seeds"], m["values"],
+                                                        m.get("mcnemar_p") or [None] * len(d["seeds"])))
+                per_seed.append(f"- {d['label']}, ε = {fmt_eps(d['eps'])}, {names.get(k, f'PGD-{k[3:-4]}')}: {seeds}")
+        lines.append(f"| {d['label']} | {fmt_eps(d['eps'])} | " + " | ".join(cells) + " |")
+    return lines + ["", *per_seed, ""]
+
+
+def _check_lines(s: dict, seeds: list) -> list[str]:
+    """Per cell and seed the evaluation's paired attack check, where it was run."""
+    checked = [c for c in s["cells"] if any("check" in x for x in c["seeds"])]
+    if not checked:
+        return []
+    lines = ["**Paired attack check** (final model; per seed: images PGD left standing that APGD / AutoAttack broke · "
+             "the reverse, of the images both ran on, and the exact one-sided binomial p of the first count; a small "
+             "p says PGD alone overstates robustness)", "",
+             "| Method | ε | " + " | ".join(f"seed {x}" for x in seeds) + " |", "|---|---|" + "---:|" * len(seeds)]
+    for c in checked:
+        by_seed = {json.dumps(x["seed"]): x.get("check") for x in c["seeds"]}
+        cells = [(f"{ch['pgd_missed']} · {ch['apgd_missed']} of {ch['n']} (p {_pv(ch['p'])})"
+                  if (ch := by_seed.get(json.dumps(seed))) else "–") for seed in seeds]
+        lines.append(f"| {c['label']} | {fmt_eps(c['eps'])} | " + " | ".join(cells) + " |")
+    return lines + [""]

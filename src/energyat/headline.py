@@ -120,17 +120,25 @@ def setting_name(setting: dict) -> str:
     return data + ("-batch-norm-der" if 'der.aae_norm="batch"' in setting["label"].split(", ") else "")
 
 
+def _eps_name(setting: dict, eps: float) -> str:
+    return f"{255 * eps:.0f}-255" if "cifar" in setting["title"] else f"{eps:g}"
+
+
 def from_studies(study: dict, seeds: dict) -> dict[str, dict]:
     """Rows of the CO study (metrics/co_study.json) and of the seeds report
-    (metrics/seeds.json): per CO cell its means over seeds; per RO run the final models, DER − base and the
-    best − last gaps."""
+    (metrics/seeds.json): per CO cell its means over seeds, and DER − base where both ran; per RO run the final
+    models, DER − base and the best − last gaps."""
     rows = {}
     for setting in study["settings"]:
         for cell in setting["cells"]:
-            eps = f"{255 * cell['eps']:.0f}-255" if "cifar" in setting["title"] else f"{cell['eps']:g}"
+            eps = _eps_name(setting, cell["eps"])
             row = _stat_row(cell.get("stats") or {}, setting["pgd"])
             row.update(seeds=cell["n"], co=cell["co_at_end"])
             rows[f"co.{setting_name(setting)}.eps{eps}.{cell['run']}.{cell['variant']}"] = row
+        for d in setting.get("der_gain") or []:
+            eps = _eps_name(setting, d["eps"])
+            rows[f"co.{setting_name(setting)}.eps{eps}.{d['run']}.der-base"] = {
+                **_seed_difference(d["metrics"], setting["pgd"]), "seeds": len(d["seeds"])}
     for g in seeds["groups"]:
         for run, ro in (g.get("robust_overfitting") or {}).items():
             pgd, n = ro["pgd"], len(g["seeds"])

@@ -109,14 +109,16 @@ def _export(study: str, exps: list[aggregate.Experiment]) -> None:
         log(f"aggregate: {exp.name} -> {folder}")
 
 
-def _ro_files(groups: list[aggregate.Group], folders: dict[str, Path], kept: str, source: str, read) -> dict:
-    """(rev, run, variant) -> `read(path)` of one file per multi-step run of every member: the committed evidence
-    (`kept` under its folder) first, else `source` from its commit where git has it; an unreadable file is left out."""
+def _run_files(groups: list[aggregate.Group], folders: dict[str, Path], kept: str, source: str, read,
+               fam: str = "ro") -> dict:
+    """(rev, run, variant) -> `read(path)` of one file per run of family `fam` (multi-step `ro`, single-step `co`)
+    of every experiment of the groups: the committed evidence (`kept` under its folder) first, else `source` from
+    its commit where git has it; an unreadable file is left out."""
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for g in groups:
-            for run in [run for run, cfg in g.runs().items() if family(cfg["method"]) == "ro"]:
-                for m in g.members:
+            for run in [run for run, cfg in g.runs().items() if family(cfg["method"]) == fam]:
+                for m in (*g.members, *g.older):
                     for variant in VARIANTS:
                         path = folders.get(m.rev, Path("/nonexistent")) / kept.format(run=run, variant=variant)
                         if not path.is_file():
@@ -159,7 +161,8 @@ def run(params: Params, names: list[str], co: bool = False, export: str = "") ->
         groups, notes = aggregate.group(exps, min_members=1, keep_older=True)
         for note in notes:
             log(f"aggregate: {note}")
-        study = co_study.study(groups)
+        flags = _run_files(groups, folders, "eval/{run}.{variant}.flags.json", FLAGS, read_json, "co")  # McNemar
+        study = co_study.study(groups, flags)
         if CO_AGGREGATES_ONLY.is_file():
             study = co_study.with_aggregates_only(study, read_json(CO_AGGREGATES_ONLY))
         write_json("metrics/co_study.json", study)
@@ -173,8 +176,8 @@ def run(params: Params, names: list[str], co: bool = False, export: str = "") ->
         groups, notes = aggregate.group(exps)
     for note in notes:
         log(f"aggregate: {note}")
-    flags = _ro_files(groups, folders, "eval/{run}.{variant}.flags.json", FLAGS, read_json)  # for McNemar
-    histories = _ro_files(groups, folders, "history/{run}.{variant}.tsv", HISTORY, read_tsv)
+    flags = _run_files(groups, folders, "eval/{run}.{variant}.flags.json", FLAGS, read_json)  # for McNemar
+    histories = _run_files(groups, folders, "history/{run}.{variant}.tsv", HISTORY, read_tsv)
     rep = aggregate.report(groups, flags, histories)
     write_json("metrics/seeds.json", rep)
     write_text("metrics/seeds.md", aggregate.markdown(rep))
