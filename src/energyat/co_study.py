@@ -26,8 +26,8 @@ import math
 from pathlib import Path
 
 from . import stats
-from .aggregate import (EVAL, POOL_IGNORE, TRAIN, Group, differing, finite, flag_vector, paired_over_seeds,
-                        strongest_pgd)
+from .aggregate import (EVAL, PATH_PARAMS, POOL_IGNORE, TRAIN, Group, differing, finite, flag_vector,
+                        paired_over_seeds, strongest_pgd)
 from .errors import UserError
 from .params import VARIANTS
 from .report import METHOD_NAMES, family
@@ -158,6 +158,11 @@ def der_gains(cells: list[dict], pgd: str | None, flags: dict[tuple[str, str, st
     return out
 
 
+def _shown(key: str, value):
+    """A param's value in a setting's label: a data file by its name (where it lay is the machine's business)."""
+    return Path(value).name if key in PATH_PARAMS and isinstance(value, str) else value
+
+
 def study(groups: list[Group], flags: dict[tuple[str, str, str], dict] | None = None) -> dict:
     """The JSON of metrics/co_study.json: per setting its label (the params that set it apart from the other
     settings), the PGD key, its ε columns, row labels and cells (per-seed records, mean ± std with the t-interval
@@ -175,7 +180,7 @@ def study(groups: list[Group], flags: dict[tuple[str, str, str], dict] | None = 
                              for g, rows in gs for r in rows for m in g.members])
         if cells := _cells(gs, pgd):
             out.append({"title": _title(first.flat_params),
-                        "label": ", ".join(f"{k}={json.dumps(first.flat_params.get(k))}" for k in distinct),
+                        "label": ", ".join(f"{k}={json.dumps(_shown(k, first.flat_params.get(k)))}" for k in distinct),
                         "pgd": pgd, "eps": sorted({e for _, e in cells}),
                         "rows": list(dict.fromkeys(label for label, _ in cells)), "cells": list(cells.values()),
                         "der_gain": der_gains(list(cells.values()), pgd, flags or {})})
