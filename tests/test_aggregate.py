@@ -454,6 +454,13 @@ def test_cells_without_evidence_are_kept_marked_unless_re_run():
     assert md.count("**Worst-case accuracy (%)**") == 1  # only the re-run setting has a worst case
     assert "| FGSM | 0.4 ± 0.2 |" in md and "| FGSM | 40.0 ± 0.0 | – |" in md
     assert co_study.with_aggregates_only(fresh, {"settings": []}) == fresh
+    # an earlier setting that differs in a param its label names (another DER variant, a data file elsewhere) keeps
+    # its cells: only the same setting's cells are replaced
+    variant = {**earlier["settings"][0], "label": 'der.aae_norm="batch", data.source="/old/place/fm.tar.gz"'}
+    same = {**earlier["settings"][0], "label": 'der.aae_norm="aae", data.source="/old/place/fm.tar.gz"'}
+    fresh["settings"][0]["params"] = {"der.aae_norm": "aae", "data.source": "/new/place/fm.tar.gz"}
+    merged = co_study.with_aggregates_only(fresh, {"settings": [variant, same]})
+    assert [len(s["cells"]) for s in merged["settings"]] == [1, 3, 2]
 
 
 def test_cli_refusal_is_one_line(tmp_path, monkeypatch, capsys):

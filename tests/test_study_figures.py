@@ -24,6 +24,22 @@ def test_co_sweep_draws_a_line_per_run_and_variant_over_eps():
     assert ax.get_title() == "fashion-mnist, 5 epochs" and ax.get_xlabel() == "ε"
 
 
+def test_cells_kept_as_aggregates_only_join_the_curve_of_their_re_run_setting():
+    def cell(e, m):
+        return {"run": "fgsm", "variant": "base", "label": "FGSM", "eps": e, "stats": {"pgd50_acc": _stats(m, m, m)}}
+
+    fresh = {"title": "fashion-mnist", "label": "train.epochs=5", "pgd": "pgd50_acc", "cells": [cell(0.3, 0.0)],
+             "params": {"train.epochs": 5, "der.aae_norm": "aae"}}
+    kept = {"title": "fashion-mnist", "label": 'der.aae_norm="aae"', "pgd": "pgd50_acc", "evidence": "aggregates only",
+            "cells": [cell(0.1, 0.6)]}
+    other = {**kept, "label": 'der.aae_norm="batch"'}  # another DER variant: a panel of its own
+    axes = study_figures.co_sweep_figure({"settings": [fresh, kept, other]}).axes
+    assert len(axes) == 2
+    (line,) = [c.lines[0] for c in axes[0].containers]
+    assert list(line.get_xdata()) == [0.1, 0.3] and list(line.get_ydata()) == [60.0, 0.0]
+    assert "hollow: aggregates only" in axes[0].get_title() and "aggregates only" in axes[1].get_title()
+
+
 def test_seeds_figure_shows_every_seed_and_the_mean():
     rep = json.loads((ROOT / "metrics/seeds.json").read_text())
     ax, _curves = study_figures.seeds_figure(rep).axes

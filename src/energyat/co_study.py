@@ -27,7 +27,7 @@ from pathlib import Path
 
 from . import stats
 from .aggregate import (EVAL, PATH_PARAMS, POOL_IGNORE, TRAIN, Group, differing, finite, flag_vector,
-                        paired_over_seeds, strongest_pgd)
+                        paired_over_seeds, pooling_params, strongest_pgd)
 from .errors import UserError
 from .params import VARIANTS
 from .report import METHOD_NAMES, family
@@ -182,18 +182,32 @@ def study(groups: list[Group], flags: dict[tuple[str, str, str], dict] | None = 
             out.append({"title": _title(first.flat_params),
                         "label": ", ".join(f"{k}={json.dumps(_shown(k, first.flat_params.get(k)))}" for k in distinct),
                         "pgd": pgd, "eps": sorted({e for _, e in cells}),
+                        "params": {k: v for k, v in pooling_params(first.flat_params).items() if k != EPS},
                         "rows": list(dict.fromkeys(label for label, _ in cells)), "cells": list(cells.values()),
                         "der_gain": der_gains(list(cells.values()), pgd, flags or {})})
     return {"settings": out}
 
 
+def _label_params(label: str) -> dict:
+    """The `k=v` pairs of a setting's label (values as JSON)."""
+    return {k: json.loads(v) for k, _, v in (part.partition("=") for part in label.split(", ") if "=" in part)}
+
+
+def same_setting(earlier: dict, fresh: dict) -> bool:
+    """Whether a fresh setting has every param value that an earlier setting's label names (a data file by its
+    name): the same dataset, schedule and DER variant, re-run."""
+    params = fresh.get("params", {})
+    return earlier["title"] == fresh["title"] and all(
+        k not in params or _shown(k, params[k]) == _shown(k, v) for k, v in _label_params(earlier["label"]).items())
+
+
 def with_aggregates_only(st: dict, earlier: dict) -> dict:
     """`st` plus the cells of `earlier` (a co_study.json whose experiments left no evidence) that `st` has not
-    re-run (same dataset, row and ε): those settings are marked AGGREGATES_ONLY and come after the others."""
-    fresh = {(s["title"], c["label"], c["eps"]) for s in st["settings"] for c in s["cells"]}
+    re-run (the same setting, row and ε): those settings are marked AGGREGATES_ONLY and come after the others."""
     kept = []
     for s in earlier["settings"]:
-        cells = [c for c in s["cells"] if (s["title"], c["label"], c["eps"]) not in fresh]
+        fresh = {(c["label"], c["eps"]) for f in st["settings"] if same_setting(s, f) for c in f["cells"]}
+        cells = [c for c in s["cells"] if (c["label"], c["eps"]) not in fresh]
         if cells:
             labels = {c["label"] for c in cells}
             kept.append({**s, "evidence": AGGREGATES_ONLY, "eps": sorted({c["eps"] for c in cells}),
@@ -281,9 +295,9 @@ def _gain_lines(s: dict) -> list[str]:
         return []
     keys = [k for k in _accuracy_keys(s["pgd"]) if any(k in d["metrics"] for d in gains)]
     names = {"clean_acc": "Clean", "aa_acc": "AutoAttack", "worst_acc": "Worst case"}
-    lines = ["**DER − base** (points; mean over the seeds both ran [95 % t-interval], paired-t p and its Holm-adjusted "
-             "value over this setting's differences; below, each seed's difference with its exact McNemar p on the "
-             "same test images)", "",
+    lines = ["**DER − base** (points; mean over the seeds both ran [95 % t-interval], paired-t p and its "
+             "Holm-adjusted value over this setting's differences; below, each seed's difference with its exact "
+             "McNemar p on the same test images)", "",
              "| Method | ε | " + " | ".join(names.get(k, f"PGD-{k[3:-4]}") for k in keys) + " |",
              "|---|---|" + "---:|" * len(keys)]
     per_seed = []

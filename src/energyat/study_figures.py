@@ -4,44 +4,73 @@ from __future__ import annotations
 
 from matplotlib.figure import Figure  # a bare Figure: no pyplot state, no GUI backend
 
+from .co_study import AGGREGATES_ONLY, same_setting
 from .report import METHOD_NAMES
+
+
+def _panels(settings: list[dict]) -> list[tuple[dict, list[tuple[dict, bool]]]]:
+    """One panel per setting, (setting, [(cell, evidence kept)]): a setting kept as aggregates only joins the panel
+    of the re-run setting it is (`co_study.same_setting`), so a re-run cell and the ε it was not re-run at share
+    one curve."""
+    fresh = [s for s in settings if s.get("evidence") != AGGREGATES_ONLY]
+    kept = [s for s in settings if s.get("evidence") == AGGREGATES_ONLY]
+    panels, joined = [], set()
+    for f in fresh:
+        cells = [(c, True) for c in f["cells"]]
+        for i, s in enumerate(kept):
+            if i not in joined and same_setting(s, f):
+                joined.add(i)
+                cells += [(c, False) for c in s["cells"]]
+        panels.append((f, cells))
+    return panels + [(s, [(c, False) for c in s["cells"]]) for i, s in enumerate(kept) if i not in joined]
 
 
 def co_sweep_figure(study: dict) -> Figure:
     """Final PGD accuracy against ε per method, without (solid) and with DER (dashed): mean over seeds with its
-    95 % t-interval, one panel per setting (dataset and schedule)."""
-    settings = study["settings"]
-    fig = Figure(figsize=(5.2 * len(settings), 3.8))
-    axes = fig.subplots(1, len(settings), squeeze=False)[0]
-    for ax, setting in zip(axes, settings):
+    95 % t-interval, one panel per setting (dataset and schedule); hollow markers: cells kept as aggregates only."""
+    panels = _panels(study["settings"])
+    fig = Figure(figsize=(5.2 * len(panels), 3.8))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (setting, cells) in zip(axes, panels):
         metric = setting["pgd"]
-        lines: dict[tuple[str, str, str], list] = {}  # (run, variant, label) -> [(eps, stats)]
-        for cell in setting["cells"]:
+        lines: dict[tuple[str, str, str], list] = {}  # (run, variant, label) -> [(eps, stats, evidence kept)]
+        for cell, has_evidence in cells:
             s = (cell.get("stats") or {}).get(metric)
             if s and s.get("mean") is not None:
-                lines.setdefault((cell["run"], cell["variant"], cell["label"]), []).append((cell["eps"], s))
+                key = (cell["run"], cell["variant"], cell["label"])
+                lines.setdefault(key, []).append((cell["eps"], s, has_evidence))
         colour = {run: f"C{i}" for i, run in enumerate(sorted({run for run, _, _ in lines}))}
         cifar = "cifar" in setting["title"]  # ε in /255 for colour images, as the literature quotes it
         for (run, variant, label), points in sorted(lines.items()):
             points.sort(key=lambda p: p[0])
-            eps = [255 * e if cifar else e for e, _ in points]
-            mean = [100 * s["mean"] for _, s in points]
-            err = [[100 * (s["mean"] - s["lo"]) if s.get("lo") is not None else 0 for _, s in points],
-                   [100 * (s["hi"] - s["mean"]) if s.get("hi") is not None else 0 for _, s in points]]
-            ax.errorbar(eps, mean, yerr=err, fmt="o-" if variant == "base" else "s--", capsize=3, label=label,
-                        color=colour[run])
+            eps = [255 * e if cifar else e for e, _, _ in points]
+            mean = [100 * s["mean"] for _, s, _ in points]
+            err = [[100 * (s["mean"] - s["lo"]) if s.get("lo") is not None else 0 for _, s, _ in points],
+                   [100 * (s["hi"] - s["mean"]) if s.get("hi") is not None else 0 for _, s, _ in points]]
+            marker = "o" if variant == "base" else "s"
+            ax.errorbar(eps, mean, yerr=err, fmt=f"{marker}-" if variant == "base" else f"{marker}--", capsize=3,
+                        label=label, color=colour[run])
+            hollow = [(x, y) for x, y, (_, _, ok) in zip(eps, mean, points) if not ok]
+            if hollow:
+                ax.plot(*zip(*hollow), marker, color="white", markersize=3.5, linestyle="none")
         ax.set_xlabel("ε (/255)" if cifar else "ε")
         ax.set_ylabel(f"final {metric.removesuffix('_acc').upper()} accuracy (%)")
         parts = setting["label"].split(", ")
         epochs = next((f", {p.split('=')[1]} epochs" for p in parts if p.startswith("train.epochs=")), "")
         norm = " (DER normalised by the batch)" if 'der.aae_norm="batch"' in parts else ""
         data = "CIFAR-10 (JPEG copy)" if cifar else setting["title"].split(" ")[0]
-        kept = "\n(aggregates only: evidence not kept)" if setting.get("evidence") else ""
+        if all(ok for _, ok in cells):
+            kept = ""
+        elif any(ok for _, ok in cells):
+            kept = "\n(hollow: aggregates only, evidence not kept)"
+        else:
+            kept = "\n(aggregates only: evidence not kept)"
         ax.set_title(f"{data}{epochs}{norm}{kept}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("Catastrophic overfitting study: robustness against ε (mean over seeds, 95 % t-interval)",
                  fontsize=9)
+    fig.subplots_adjust(top=0.8, wspace=0.3)  # room for the two-line panel titles under the figure title
     return fig
 
 
