@@ -523,6 +523,45 @@ def test_export_then_aggregate_from_the_committed_evidence_alone(tmp_path, monke
     assert (tmp_path / "metrics/seeds.json").read_bytes() == outputs[0][0]
 
 
+def test_co_study_from_the_committed_evidence_alone_pairs_der_with_base(tmp_path, monkeypatch):
+    """The CO study regenerates from exported evidence in a clone without refs: DER − base over the seeds, each
+    seed's McNemar p from its committed flags, and the evaluation's attack check."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    rows = []
+    for seed, (base, der) in enumerate([(0.00, 0.06), (0.00, 0.09)]):
+        row = study_experiment(0.3, seed, {("fgsm", "base"): (0.75, base, 0.0, True),
+                                           ("fgsm", "der"): (0.67, der, 0.0, False)})
+        evals = row["revs"][0]["data"]["metrics"]
+        for variant, missed in (("base", 0), ("der", 5)):
+            evals[f"metrics/eval/fgsm.{variant}.json"]["data"].update(
+                {"last.check.pgd_missed": missed, "last.check.apgd_missed": 0, "last.check.n": 10,
+                 "last.check.p": 0.5 ** missed})
+        rows.append(row)
+    rev0 = rows[0]["revs"][0]["rev"]
+    committed = {(rev0, "metrics/eval/fgsm.base.flags.json"): {"last.pgd50": "0000000000"},
+                 (rev0, "metrics/eval/fgsm.der.flags.json"): {"last.pgd50": "1111000000"}}
+
+    def git_show(*args):
+        rev, _, path = args[1].partition(":") if args[0] == "show" else ("", "", "")
+        found = committed.get((rev, path))
+        return subprocess.CompletedProcess(args, 0 if found else 128, json.dumps(found) if found else "", "")
+
+    monkeypatch.setattr(stage, "_exp_show", lambda: show(experiments=rows))
+    monkeypatch.setattr(stage, "_git", git_show)
+    assert cli.main(["aggregate", "--export", "co"]) == 0
+    monkeypatch.setattr(stage, "_exp_show", lambda: show())  # a fresh clone: no refs, no git objects of theirs
+    monkeypatch.setattr(stage, "_git", lambda *a: subprocess.CompletedProcess(a, 128, "", "gone"))
+    assert cli.main(["aggregate", "--co-study", "co-*"]) == 0
+    (setting,) = json.loads((tmp_path / "metrics/co_study.json").read_text())["settings"]
+    (gain,) = setting["der_gain"]
+    pgd = gain["metrics"]["pgd50_acc"]
+    assert gain["seeds"] == [0, 1] and pgd["values"] == pytest.approx([0.06, 0.09])
+    assert pgd["mcnemar_p"] == [0.125, None]  # 4 images one way: 2 x 1/16; seed 1 kept no flags
+    md = (tmp_path / "metrics/co_study.md").read_text()
+    assert "| FGSM + DER | 0.3 | 5 · 0 of 10 (p 0.031) | 5 · 0 of 10 (p 0.031) |" in md
+
+
 # ----------------------------------------------------------------------------------------------- end to end
 
 @pytest.mark.slow
