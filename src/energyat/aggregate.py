@@ -443,7 +443,8 @@ def _g(v) -> str:
     return "–" if v is None else f"{v:.4g}"
 
 
-def _pp(v) -> str:
+def fmt_points(v) -> str:
+    """A difference of fractions in signed percentage points (`+4.1`), `–` when absent."""
     return "–" if v is None else f"{100 * v:+.1f}"
 
 
@@ -471,8 +472,8 @@ def _ro_lines(run: str, ro: dict, seeds: list) -> list[str]:
         t = stats.fmt_p(d["paired_t_p"])
         if d.get("paired_t_p_holm") is not None:
             t += f" (Holm {stats.fmt_p(d['paired_t_p_holm'])})"
-        return (f"| {label} | {_pp(d['mean'])} ± {_pp(d['std']).lstrip('+')} | [{_pp(d['lo'])}, {_pp(d['hi'])}] "
-                f"| {t} | {mc} |")
+        mean, std, lo, hi = (fmt_points(d[k]) for k in ("mean", "std", "lo", "hi"))
+        return f"| {label} | {mean} ± {std.lstrip('+')} | [{lo}, {hi}] | {t} | {mc} |"
 
     for v in VARIANTS:
         lines.append(row(f"best − last {pgd}, {'base' if v == 'base' else '+ DER'}", ro["gap"][v]))

@@ -26,7 +26,7 @@ import math
 from pathlib import Path
 
 from . import stats
-from .aggregate import (EVAL, PATH_PARAMS, POOL_IGNORE, TRAIN, Group, differing, finite, flag_vector,
+from .aggregate import (EVAL, PATH_PARAMS, POOL_IGNORE, TRAIN, Group, differing, finite, flag_vector, fmt_points,
                         paired_over_seeds, pooling_params, strongest_pgd)
 from .errors import UserError
 from .params import VARIANTS
@@ -146,9 +146,9 @@ def der_gains(cells: list[dict], pgd: str | None, flags: dict[tuple[str, str, st
         for k in _accuracy_keys(pgd):
             if pairs and all(isinstance(a.get(k), (int, float)) and isinstance(b.get(k), (int, float))
                              for a, b in pairs):
-                metrics[k] = paired_over_seeds([a[k] for a, _ in pairs], [b[k] for _, b in pairs],
-                                     [(flag_vector(flags.get((a["rev"], run, "base")), "last", k),
-                                       flag_vector(flags.get((b["rev"], run, "der")), "last", k)) for a, b in pairs])
+                flag_pairs = [(flag_vector(flags.get((a["rev"], run, "base")), "last", k),
+                               flag_vector(flags.get((b["rev"], run, "der")), "last", k)) for a, b in pairs]
+                metrics[k] = paired_over_seeds([a[k] for a, _ in pairs], [b[k] for _, b in pairs], flag_pairs)
         if metrics:
             out.append({"run": run, "eps": eps, "label": der["label"], "seeds": [b["seed"] for _, b in pairs],
                         "metrics": metrics})
@@ -280,14 +280,6 @@ def markdown(st: dict) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _signed(v: float | None) -> str:
-    return "–" if v is None else f"{100 * v:+.1f}"
-
-
-def _pv(v: float | None) -> str:
-    return "–" if v is None else ("< 0.001" if v < 0.001 else f"{v:.3f}")
-
-
 def _gain_lines(s: dict) -> list[str]:
     """DER − base per run and ε: mean [t-interval], paired-t p (Holm), and each seed's difference (McNemar p)."""
     gains = s.get("der_gain") or []
@@ -305,10 +297,11 @@ def _gain_lines(s: dict) -> list[str]:
         cells = []
         for k in keys:
             m = d["metrics"].get(k)
-            cells.append("–" if m is None else f"{_signed(m['mean'])} [{_signed(m['lo'])}, {_signed(m['hi'])}], "
-                         f"p {_pv(m['paired_t_p'])} (Holm {_pv(m.get('paired_t_p_holm'))})")
+            cells.append("–" if m is None else f"{fmt_points(m['mean'])} [{fmt_points(m['lo'])}, "
+                         f"{fmt_points(m['hi'])}], p {stats.fmt_p(m['paired_t_p'])} "
+                         f"(Holm {stats.fmt_p(m.get('paired_t_p_holm'))})")
             if m is not None and k in ("worst_acc", s["pgd"]):
-                seeds = ", ".join(f"seed {seed}: {_signed(v)}" + (f" (p {_pv(p)})" if p is not None else "")
+                seeds = ", ".join(f"seed {seed}: {fmt_points(v)}" + (f" (p {stats.fmt_p(p)})" if p is not None else "")
                                   for seed, v, p in zip(d["seeds"], m["values"],
                                                         m.get("mcnemar_p") or [None] * len(d["seeds"])))
                 per_seed.append(f"- {d['label']}, ε = {fmt_eps(d['eps'])}, {names.get(k, f'PGD-{k[3:-4]}')}: {seeds}")
@@ -327,7 +320,7 @@ def _check_lines(s: dict, seeds: list) -> list[str]:
              "| Method | ε | " + " | ".join(f"seed {x}" for x in seeds) + " |", "|---|---|" + "---:|" * len(seeds)]
     for c in checked:
         by_seed = {json.dumps(x["seed"]): x.get("check") for x in c["seeds"]}
-        cells = [(f"{ch['pgd_missed']} · {ch['apgd_missed']} of {ch['n']} (p {_pv(ch['p'])})"
+        cells = [(f"{ch['pgd_missed']} · {ch['apgd_missed']} of {ch['n']} (p {stats.fmt_p(ch['p'])})"
                   if (ch := by_seed.get(json.dumps(seed))) else "–") for seed in seeds]
         lines.append(f"| {c['label']} | {fmt_eps(c['eps'])} | " + " | ".join(cells) + " |")
     return lines + [""]

@@ -9,7 +9,8 @@ Columns (fractions in [0, 1] for accuracies; a difference row holds differences)
                           difference on the same images, Student-t over seeds for a study row
   p_holm                  a difference row's p-value of the worst case (of PGD where no worst case was run),
                           Holm-adjusted over its table's family
-  seeds, co               study rows: seeds pooled; seeds (or, for one model, 1/0) in catastrophic overfitting at the end
+  seeds, co               study rows: seeds pooled; seeds (for one model: 1/0) in catastrophic overfitting at the
+                          end
   fid, inception_fid, is, diversity, steps   generation rows (classifier-feature FID and IS, Inception FID where
                           computed, mean pairwise diversity, SGLD steps used)
 Row names: `<run>.<variant>.<checkpoint>` (one model), `<run>.der-base.<checkpoint>` (DER minus base),
@@ -48,16 +49,16 @@ def _strongest_pgd(metrics) -> str | None:
     return f"pgd{max(steps)}_acc" if steps else None
 
 
-def _accuracy_row(values: dict) -> dict:
+def _accuracy_row(values: dict, pgd: str | None = None) -> dict:
     """{metric: value} of one model (summary names, `clean_acc`, `pgd50_acc`, ...) -> its headline columns."""
-    pgd = _strongest_pgd(values)
+    pgd = pgd or _strongest_pgd(values)
     return {col: _num(v) for m, v in values.items() if (col := _column(m, pgd))}
 
 
 def _difference_row(values: dict) -> dict:
     """{metric: value} of one paired difference (`pgd50_acc`, `pgd50_acc_p_holm`, `worst_acc_lo`, ...)."""
-    row = _accuracy_row(values)
     pgd = _strongest_pgd(values)
+    row = _accuracy_row(values, pgd)
     source = "worst_acc" if "worst_acc" in values else pgd
     if f"{source}_p_holm" in values:
         row["p_holm"] = values[f"{source}_p_holm"]
@@ -82,8 +83,6 @@ def from_summary(summary: dict) -> dict[str, dict]:
         elif parts[0] == "co" and len(parts) == 4:  # co.<run>.<variant | der_gain>.<metric>
             kind = "diff" if parts[2] == "der_gain" else "acc"
             put(f"{parts[1]}.{'der-base' if kind == 'diff' else parts[2]}.last", kind, parts[3], value)
-            if parts[3] == "co_at_end":
-                put(f"{parts[1]}.{parts[2]}.last", "acc", "co", int(bool(value)))
         elif parts[0] == "ro" and len(parts) == 5:
             run, middle, ck, metric = parts[1], parts[2], parts[3], parts[4]
             if middle == "der_gain":
@@ -99,7 +98,7 @@ def from_summary(summary: dict) -> dict[str, dict]:
         elif kinds[name] == "diff":
             row = _difference_row(values)
         else:
-            row = {**_accuracy_row(values), **({"co": values["co"]} if "co" in values else {})}
+            row = {**_accuracy_row(values), **({"co": int(bool(values["co_at_end"]))} if "co_at_end" in values else {})}
         if row:
             rows[name] = row
     return rows

@@ -1,6 +1,6 @@
-"""Stage `report`: metrics/summary.json and its headline rows (metrics/headline/run/), the CO / RO tables (metrics/co_table.md, metrics/ro_table.md) and the
-training table (metrics/train_table.md), and plots/report/histories.png (every run's per-epoch history, base and DER
-overlaid).
+"""Stage `report`: metrics/summary.json and its headline rows (metrics/headline/run/), the CO / RO tables
+(metrics/co_table.md, metrics/ro_table.md) and the training table (metrics/train_table.md), and
+plots/report/histories.png (every run's per-epoch history, base and DER overlaid).
 
 Reads metrics/eval/*.json (accuracies with Wilson intervals, and the per-example flags from which the paired
 DER − base and best − last tests are computed), metrics/train/*.json and, when present, metrics/score.json
