@@ -105,7 +105,7 @@ def test_execution_settings_pool_but_another_device_type_does_not():
 
     found, _ = aggregate.experiments(show(experiments=[
         exp("gpu0", "1" * 40, with_execution(0, device="cuda:0", threads=8), train_metrics(0.5)),
-        exp("gpu1", "2" * 40, with_execution(1, device="cuda:1", distributed={"nproc": 1}, cuda_graphs=False),
+        exp("gpu1", "2" * 40, with_execution(1, device="cuda:1", distributed={"nproc": 1, "eval_nproc": 2}, cuda_graphs=False),
             train_metrics(0.6)),
         exp("cpu", "3" * 40, with_execution(2, device="cpu"), train_metrics(0.7)),
         exp("gpu2", "4" * 40, with_execution(2, device="cuda:0", cuda_graphs=True), train_metrics(0.8)),

@@ -51,6 +51,12 @@ def test_missing_prepared_data_from_the_command_line(tmp_path):
     assert proc.stderr.strip().endswith("make it first with `dvc repro prepare`")
 
 
+def test_nproc_is_a_number_of_ranks_or_auto(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--nproc", "two", "evaluate", "pgd", "base"])
+    assert "argument --nproc: 'two': a number of ranks, or auto" in capsys.readouterr().err
+
+
 def test_log_numbers_are_rounded_and_the_eta_uses_the_recent_pace():
     class RC:
         class train:

@@ -75,6 +75,36 @@ def test_shards_and_blocks_cover_the_items_in_order():
             assert [i for _, s in flat for i in range(s.start, s.stop)] == list(range(n))
 
 
+def blockwise_units(units: list[str]) -> tuple[dict, list]:
+    """map_units over `units`: each unit's result sums its 7 items in blocks of 3 that the ranks share (the
+    evaluate pattern), so a unit computed on its own and one computed by all ranks must agree; also returns
+    (unit, rank in the group, world seen) for every call of fn on this rank."""
+    calls = []
+
+    def fn(unit: str) -> torch.Tensor:
+        ctx = distributed.context()
+        calls.append((unit, ctx.outer_rank if ctx.world == 1 else ctx.rank, ctx.world))
+        items = torch.arange(7, dtype=torch.float64) * (ord(unit) - 96)
+        part = torch.zeros(())
+        for _, s in distributed.owned_blocks(7, 3):
+            part = part + items[s].sum()
+        return distributed.all_sum(part.double())
+
+    return distributed.map_units(fn, units), calls
+
+
+def test_map_units_gives_one_process_results_whole_units_per_rank_or_shared_blocks():
+    one, _ = blockwise_units(["a", "b", "c"])
+    assert {u: float(v) for u, v in one.items()} == {"a": 21.0, "b": 42.0, "c": 63.0}
+    (r0, c0), (r1, c1) = run_ranks(blockwise_units, 2, ["a", "b", "c"])
+    assert list(r0) == list(r1) == ["a", "b", "c"]  # units order, on every rank
+    assert {u: float(v) for u, v in r0.items()} == {u: float(v) for u, v in r1.items()} == {"a": 21, "b": 42, "c": 63}
+    assert c0 == [("a", 0, 1), ("c", 0, 1)] and c1 == [("b", 1, 1)]  # round robin, each alone
+    (s0, d0), (s1, d1) = run_ranks(blockwise_units, 2, ["c"])  # fewer units than ranks: blocks shared
+    assert float(s0["c"]) == float(s1["c"]) == 63.0
+    assert d0 == [("c", 0, 2)] and d1 == [("c", 1, 2)]
+
+
 # ------------------------------------------------------------------------------------------- the launcher
 
 @pytest.fixture(scope="module")
@@ -115,6 +145,29 @@ def test_launcher_trains_on_two_ranks_like_one_process(stage_dir):
     for k in m1:
         if k != "train_seconds":
             assert m1[k] == pytest.approx(m2[k], abs=1e-5), k
+
+
+def test_launcher_evaluates_on_two_ranks_like_one_process(stage_dir):
+    """Two checkpoints of different weights (one rank each) and one with best == last (blocks shared): every
+    number and per-image flag as in one process."""
+    raw = yaml.safe_load((stage_dir / "params.yaml").read_text())
+    raw["runs"]["fgsm"].update(epochs=3, lr_max=0.5)  # best is epoch 1 here
+    raw["evaluate"].update(autoattack=False, apgd_examples=20)  # APGD's flags: AutoAttack's FAB-T costs ~25 s here
+    (stage_dir / "best_and_last.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert energyat_cli(stage_dir, "--params", "best_and_last.yaml", "train", "fgsm", "base").returncode == 0
+    meta = {ck: json.loads((stage_dir / f"models/base/fgsm/{ck}.json").read_text()) for ck in ("best", "last")}
+    assert meta["best"]["sha256"] != meta["last"]["sha256"]
+    out = {}
+    for params in ("best_and_last.yaml", "last_only.yaml"):
+        raw["evaluate"]["checkpoints"] = ["best", "last"] if params == "best_and_last.yaml" else ["last"]
+        (stage_dir / params).write_text(yaml.safe_dump(raw, sort_keys=False))
+        for nproc in ("1", "2"):
+            proc = energyat_cli(stage_dir, "--params", params, "--nproc", nproc, "evaluate", "fgsm", "base")
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            metrics = json.loads((stage_dir / "metrics/eval/fgsm.base.json").read_text())
+            out[params, nproc] = ({k: v for k, v in metrics.items() if not k.startswith(("best.seconds", "last.seconds"))},
+                                  (stage_dir / "metrics/eval/fgsm.base.flags.json").read_text())
+        assert out[params, "1"] == out[params, "2"], params
 
 
 def test_a_failing_rank_ends_the_stage_with_one_line_naming_it(stage_dir):

@@ -26,6 +26,33 @@ def test_small_cnn_parameter_count_follows_width_and_hidden(width, hidden):
     assert model(torch.rand(3, 1, 28, 28)).shape == (3, 10)
 
 
+def test_small_cnn_pools_before_relu_with_relu_first_values_and_gradients():
+    """The features pool before their ReLU (cheaper); checkpoints and every number assume ReLU-then-pool, so both
+    orders must agree bit for bit, windows with only negative values (no gradient) and ties included."""
+    torch.manual_seed(3)
+    model = checkpoint.new_model(checkpoint.model_meta(ModelCfg(width=8), GEOMETRY))
+    x = torch.rand(16, 1, 28, 28)
+    x[:4] = 0.5  # constant images: every pooling window a tie
+    feats = model.net.features
+    convs = [m for m in feats if isinstance(m, torch.nn.Conv2d)]
+
+    def relu_first(z):
+        z = F.max_pool2d(F.relu(convs[0](z)), 2)
+        z = F.max_pool2d(F.relu(convs[1](z)), 2)
+        return F.relu(convs[2](z))
+
+    results = []
+    for features in (feats, relu_first):
+        model.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        out = features((xi - model.mean) / model.std)
+        out.square().sum().backward()
+        results.append((out.detach(), xi.grad, [q.grad.clone() for c in convs for q in c.parameters()]))
+    (o0, g0, p0), (o1, g1, p1) = results
+    assert (o0 == 0).any() and torch.equal(o0, o1) and torch.equal(g0, g1)
+    assert all(torch.equal(a, b) for a, b in zip(p0, p1))
+
+
 def test_checkpoint_rebuilds_the_options_it_was_saved_with(tmp_path):
     cfg = ModelCfg(width=8, hidden=64)
     model = checkpoint.new_model(checkpoint.model_meta(cfg, GEOMETRY)).eval()

@@ -69,6 +69,10 @@ def test_repo_params_load_and_resolve_runs():
     ("runs.fgsm.lr_milestones", [0.75, 0.5], "runs.fgsm.lr_milestones: [0.75, 0.5] is not allowed; increasing"),
     ("data.augment", "mixup", "data.augment: 'mixup' is not allowed; allowed: auto, none, crop, crop-flip"),
     ("distributed.nproc", 0, "distributed.nproc: 0 is not allowed; must be >= 1"),
+    ("distributed.eval_nproc", 0, "distributed.eval_nproc: 0 is not allowed; must be >= 1"),
+    ("distributed.eval_nproc", 1.5, "distributed.eval_nproc: 1.5 is not an integer"),
+    ("distributed.eval_nproc", "many", "distributed.eval_nproc: 'many' is not a number"),
+    ("distributed.eval_nproc", 3, None),
     ("train.diag_every", -1, "train.diag_every: -1 is not allowed; must be >= 0"),
 ])
 def test_bad_values_name_key_value_and_allowed(path, value, expected):
@@ -203,6 +207,30 @@ def test_one_named_gpu_cannot_hold_several_ranks():
     raw["distributed"] = {"nproc": 2}
     with pytest.raises(P.ParamsError, match=r"^device: 'cuda:1' names one GPU, but distributed.nproc is 2"):
         P.parse(raw)
+
+
+def test_one_named_gpu_cannot_hold_several_evaluation_ranks():
+    raw = with_change("device", "cuda:0")
+    raw["distributed"] = {"eval_nproc": 2}
+    with pytest.raises(P.ParamsError, match=r"^device: 'cuda:0' names one GPU, but distributed.eval_nproc is 2"):
+        P.parse(raw)
+    raw["distributed"] = {"eval_nproc": "auto"}
+    assert P.parse(raw).stage_nproc("evaluate", "cuda") == 1
+
+
+def test_stage_nproc_auto_gives_evaluation_one_rank_per_thread_up_to_the_checkpoints_or_models():
+    raw = with_change("threads", 2)
+    raw["distributed"] = {"nproc": 3, "eval_nproc": "auto"}
+    p = P.parse(raw)
+    assert p.analyzed_models() == [("standard", "base"), ("fgsm", "base"), ("fgsm", "der"), ("pgd", "base"),
+                                   ("pgd", "der")]
+    assert [p.stage_nproc(s, "cpu") for s in ("train", "evaluate", "analyze", "sample")] == [3, 2, 2, 3]
+    assert [p.stage_nproc(s, "cuda") for s in ("evaluate", "analyze")] == [3, 3]  # one rank per GPU
+    raw["threads"] = 8
+    raw["evaluate"]["checkpoints"] = ["last"]
+    assert [P.parse(raw).stage_nproc(s, "cpu") for s in ("evaluate", "analyze")] == [1, 5]
+    raw["distributed"]["eval_nproc"] = 4
+    assert [P.parse(raw).stage_nproc(s, d) for s in ("evaluate", "analyze") for d in ("cpu", "cuda")] == [4] * 4
 
 
 def test_check_data_rejects_sizes_beyond_their_split():

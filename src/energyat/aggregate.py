@@ -7,9 +7,9 @@ Pure functions over the JSON of `dvc exp show --json` (DVC 3.x: a list of baseli
   never one (it is HEAD plus uncommitted edits); the HEAD commit itself is one, pooled like any experiment when
   its params equal a group's except `seed` (the committed default run is seed 0 of the queued seeds).
 - A group is the candidates whose params (all params files, flattened) are equal except `seed` and the execution
-  settings `threads`, `distributed.nproc`, `cuda_graphs` and the GPU index of `device: cuda:N`, with a data source
-  path compared by its normalised spelling (`/a/b/../c` is `/a/c`); within a group a seed counts once (the newest
-  experiment with it). `device: auto` ran on the CPU (fp32) or on CUDA (bf16 autocast), and neither the params nor
+  settings `threads`, `distributed.nproc` / `eval_nproc`, `cuda_graphs` and the GPU index of `device: cuda:N`,
+  with a data source path compared by its normalised spelling (`/a/b/../c` is `/a/c`); within a group a seed
+  counts once (the newest experiment with it). `device: auto` ran on the CPU (fp32) or on CUDA (bf16 autocast), and neither the params nor
   the metrics record which: it never pools with an explicit `cpu` or `cuda`, and says so in one line.
 - Per metric key (metrics file + flattened key): numbers give n, mean, sample std and the Student-t 95 % interval
   of the mean over seeds (`stats.t_interval`); booleans give how many seeds were true.
@@ -40,7 +40,7 @@ SEED = "seed"
 # float summation order), whether CUDA graphs launch the steps (replays are bit-identical to eager steps; absent in
 # experiments older than the param), and which GPU (`device: cuda:N` counts as `cuda`): experiments differing in
 # these pool
-EXECUTION = ("threads", "distributed.nproc", "cuda_graphs")
+EXECUTION = ("threads", "distributed.nproc", "distributed.eval_nproc", "cuda_graphs")
 POOL_IGNORE = (SEED, *EXECUTION)
 # params naming a file: `-S data.source=$PWD/../shared/x.tar.gz` and `/work/shared/x.tar.gz` are one source
 PATH_PARAMS = ("data.source",)

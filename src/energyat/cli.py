@@ -1,8 +1,8 @@
 """`python -m energyat [--nproc N] <stage> [args]`: one entry per dvc.yaml stage; no logic lives here.
 
-`--nproc N` (default: params `distributed.nproc`) runs a stage of DISTRIBUTED on N ranks of this machine through
-torchrun's own launcher (`torch.distributed.run`, standalone rendezvous); under an outer `torchrun` (several
-machines) the process is already a rank and runs the stage directly.
+`--nproc N` (default auto: params `distributed.nproc`, for evaluate / analyze `distributed.eval_nproc`) runs a stage
+of DISTRIBUTED on N ranks of this machine through torchrun's own launcher (`torch.distributed.run`, standalone
+rendezvous); under an outer `torchrun` (several machines) the process is already a rank and runs the stage directly.
 """
 from __future__ import annotations
 
@@ -53,8 +53,9 @@ OWN_ARGUMENTS = ("block", "preset")  # stages that declare their own arguments (
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="energyat", description=__doc__.split("\n\n")[0], epilog=EPILOG)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    parser.add_argument("--nproc", type=int, default=None,
-                        help=f"ranks for {', '.join(DISTRIBUTED)} (default: params distributed.nproc)")
+    parser.add_argument("--nproc", type=_nproc, default="auto",
+                        help=f"ranks for {', '.join(DISTRIBUTED)} (default auto: params distributed.nproc, for "
+                             "evaluate / analyze distributed.eval_nproc)")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="stage", title="stages")
     for name, (module_name, args, about) in STAGES.items():
         p = sub.add_parser(name, help=about, description=about)
@@ -77,11 +78,12 @@ def main(argv: list[str] | None = None) -> int:
             module.run(None, ns)
             return 0
         params = params_mod.load(ns.params)
-        nproc = params.distributed.nproc if ns.nproc is None else ns.nproc
         if ns.stage in DISTRIBUTED and not distributed.launched():
             from .runtime import device_type
 
-            distributed.check_nproc(nproc, device_type(params.device))
+            kind = device_type(params.device)
+            nproc = params.stage_nproc(ns.stage, kind) if ns.nproc == "auto" else ns.nproc
+            distributed.check_nproc(nproc, kind, params.nproc_key(ns.stage) if ns.nproc == "auto" else "--nproc")
             if nproc > 1:
                 _check_args(params, ns)  # once here: every rank would fail alike, and race to say so
                 return _launch(ns.stage, nproc, params.threads, argv)
@@ -104,6 +106,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         distributed.shutdown()  # a rank that exits with its process group alive can abort in gloo's teardown
     return 0
+
+
+def _nproc(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: a number of ranks, or auto") from None
 
 
 def _check_args(params, ns: argparse.Namespace) -> None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Callable, Hashable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -25,6 +27,7 @@ class Context:
     world: int = 1
     local_rank: int = 0
     local_world: int = 1  # ranks on this machine (they share its CPU cores)
+    outer_rank: int = 0  # inside `alone()`: the rank this process has in the process group
 
     @property
     def main(self) -> bool:
@@ -77,12 +80,12 @@ def shutdown() -> None:
     _context = SINGLE
 
 
-def check_nproc(nproc: int, device_type: str) -> None:
-    """A params error before any work when `nproc` ranks cannot run on this machine."""
+def check_nproc(nproc: int, device_type: str, key: str = "distributed.nproc") -> None:
+    """A params error before any work when `nproc` ranks (from `key`) cannot run on this machine."""
     if nproc < 1:
-        raise UserError(f"distributed.nproc: {nproc!r} is not allowed; must be >= 1")
+        raise UserError(f"{key}: {nproc!r} is not allowed; must be >= 1")
     if device_type == "cuda" and nproc > torch.cuda.device_count():
-        raise UserError(f"distributed.nproc: {nproc} is not allowed; only {torch.cuda.device_count()} CUDA "
+        raise UserError(f"{key}: {nproc} is not allowed; only {torch.cuda.device_count()} CUDA "
                         "device(s) are visible (one rank per GPU)")
 
 
@@ -143,6 +146,38 @@ def gather_objects(obj) -> list:
     out = [None] * _context.world
     dist.all_gather_object(out, obj)
     return out
+
+
+@contextmanager
+def alone():
+    """Run the body as a process of its own (world 1: every helper here is the identity), keeping this rank's
+    share of the machine's threads; `log` speaks for it, progress bars stay with rank 0 (`outer_rank`)."""
+    global _context
+    saved = _context
+    _context = replace(SINGLE, local_world=saved.local_world, outer_rank=saved.rank)
+    try:
+        yield
+    finally:
+        _context = saved
+
+
+K = TypeVar("K", bound=Hashable)
+R = TypeVar("R")
+
+
+def map_units(fn: Callable[[K], R], units: list[K]) -> dict[K, R]:
+    """{unit: fn(unit)} on every rank, in `units` order. With at least as many units (checkpoints, models) as
+    ranks, each rank computes units rank, rank + world, ... alone (`alone()`: fn's blocks stay on its rank) and the
+    results are gathered: whole attacks on small batches keep a core busier than blocks shared among ranks. With
+    fewer units than ranks, every rank runs every unit and fn shares its blocks among them. A unit's result must
+    not depend on who computes it (fn seeds by unit and block) and must be picklable with its tensors on the CPU."""
+    if not _context.distributed or len(units) < _context.world:
+        return {u: fn(u) for u in units}
+    rank, world = _context.rank, _context.world
+    with alone():
+        mine = {i: fn(units[i]) for i in range(rank, len(units), world)}
+    done = {i: r for part in gather_objects(mine) for i, r in part.items()}
+    return {u: done[i] for i, u in enumerate(units)}
 
 
 def barrier() -> None:

@@ -67,9 +67,11 @@ class SmallCNN(nn.Module):
 
     def __init__(self, num_classes: int = 10, channels: int = 1, width: int = 32, hidden: int = 0):
         super().__init__()
+        # pooling before ReLU: the same values and gradients as ReLU then pooling (max and ReLU commute; a window
+        # whose maximum is <= 0 passes no gradient either way), with ReLU on a quarter of the elements
         self.features = nn.Sequential(
-            nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(channels, width, 3, padding=1), nn.MaxPool2d(2), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.MaxPool2d(2), nn.ReLU(),
             nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(),
         )
         self.head = (nn.Sequential(nn.LazyLinear(hidden), nn.ReLU(), Fp32Linear(hidden, num_classes)) if hidden

@@ -245,8 +245,11 @@ class ScoreCfg:
 
 @dataclass(frozen=True)
 class DistributedCfg:
-    # ranks of the train / evaluate / analyze / sample stages (torchrun); 1: one process, no process group
+    # ranks of the train / sample stages (torchrun), and of evaluate / analyze on CUDA; 1: one process, no group
     nproc: int = field(default=1, metadata=_range(1))
+    # ranks of evaluate / analyze; auto: `nproc` on CUDA, on the CPU one rank per thread up to one per checkpoint /
+    # model (each rank attacks whole ones: pyautoattack's small batches keep one core busier than two)
+    eval_nproc: int | str = field(default="auto", metadata={**_range(1), "or_auto": True})
 
 
 @dataclass(frozen=True)
@@ -292,6 +295,27 @@ class Params:
 
     def run_names(self) -> list[str]:
         return list(self.runs)
+
+    def analyzed_models(self) -> list[tuple[str, str]]:
+        """(run, variant) pairs the analyze stage attacks: the standard reference, then base and DER of every run."""
+        return [("standard", "base")] + [(r, v) for r in self.run_names() for v in ("base", "der")]
+
+    @staticmethod
+    def nproc_key(stage: str) -> str:
+        """The param that sets a stage's ranks."""
+        return "distributed.eval_nproc" if stage in ("evaluate", "analyze") else "distributed.nproc"
+
+    def stage_nproc(self, stage: str, device_type: str) -> int:
+        """Ranks of a stage: `distributed.nproc`, but for evaluate / analyze `distributed.eval_nproc`, whose auto is
+        `nproc` on CUDA and on the CPU min(threads, checkpoints or models to attack), one thread per rank at 2."""
+        if self.nproc_key(stage) == "distributed.nproc":
+            return self.distributed.nproc
+        if self.distributed.eval_nproc != "auto":
+            return self.distributed.eval_nproc
+        if device_type == "cuda":
+            return self.distributed.nproc
+        units = len(self.evaluate.checkpoints) if stage == "evaluate" else len(self.analyzed_models())
+        return min(self.threads, units)
 
     def check_data(self, counts: dict[str, int]) -> None:
         """Values that only the prepared data can judge (`counts`: images per split, from data/prepared/meta.json).
@@ -414,7 +438,7 @@ def _build(cls: type, raw: Any, prefix: str = "") -> Any:
         value = raw[k]
         if f.metadata.get("or_auto"):  # "auto" or a number
             if value != "auto":
-                value = _as_float(key, value)
+                value = (_as_int if int in typing.get_args(hints[f.name]) else _as_float)(key, value)
                 _check(key, value, f.metadata)
         else:
             value = _convert(key, hints[f.name], value)
@@ -475,9 +499,11 @@ def parse(raw: dict) -> Params:
     params = _build(Params, raw)
     if not DEVICE.fullmatch(params.device):
         raise ParamsError(f"device: {params.device!r} is not allowed; allowed: auto, cpu, cuda, cuda:<index>")
-    if ":" in params.device and params.distributed.nproc > 1:
-        raise ParamsError(f"device: {params.device!r} names one GPU, but distributed.nproc is "
-                          f"{params.distributed.nproc}; use cuda (each rank takes its own GPU)")
+    for key in ("nproc", "eval_nproc"):
+        value = getattr(params.distributed, key)
+        if ":" in params.device and value != "auto" and value > 1:
+            raise ParamsError(f"device: {params.device!r} names one GPU, but distributed.{key} is {value}; use cuda "
+                              "(each rank takes its own GPU)")
     _check_model(params.model, "model")
     for name in ["standard", *params.runs]:
         params.run(name)

@@ -61,7 +61,8 @@ def autocast(device: torch.device, cache: bool = True):
 
 def progress(iterable=None, **kwargs):
     """A tqdm bar with ETA, silent when stderr is not a terminal (DVC logs, CI) unless ENERGYAT_PROGRESS=1."""
-    enabled = distributed.context().main and (sys.stderr.isatty() or os.environ.get("ENERGYAT_PROGRESS") == "1")
+    ctx = distributed.context()
+    enabled = ctx.main and ctx.outer_rank == 0 and (sys.stderr.isatty() or os.environ.get("ENERGYAT_PROGRESS") == "1")
     return tqdm(iterable, disable=not enabled, dynamic_ncols=True, leave=False, **kwargs)
 
 

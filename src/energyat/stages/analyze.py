@@ -5,8 +5,9 @@ analyze.n_examples test images are attacked with PGD, APGD-CE, APGD-T, FAB-T, Sq
 the run's eps (the standard model at its resolved eps, the train.eps default); AutoAttack's attacks run on
 the reduced `analyze.*` budget, not as standard AutoAttack. Writes metrics/analysis.json (flat keys
 `<run>.<variant>.<attack>.dE_x.mean`, ...), plots/energy/hist_<run>_<variant>.png and, per adversarial run,
-plots/energy/delta_energy_<run>.png from plots/history and metrics/train. Under torchrun the blocks of
-`analyze.batch_size` images are shared among the ranks; rank 0 gathers and writes.
+plots/energy/delta_energy_<run>.png from plots/history and metrics/train. Under torchrun each rank attacks whole
+models when there are at least as many models as ranks, else the blocks of `analyze.batch_size` images are shared
+among the ranks (the same numbers either way); rank 0 gathers, draws and writes.
 """
 from __future__ import annotations
 
@@ -25,11 +26,6 @@ from ..runtime import log, setup
 PLOTS = Path("plots/energy")
 
 
-def models_to_analyze(params: Params) -> list[tuple[str, str]]:
-    """(run, variant) pairs: the standard reference, then base and DER of every adversarial run."""
-    return [("standard", "base")] + [(r, v) for r in params.run_names() for v in ("base", "der")]
-
-
 def read_history(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise UserError(f"{path}: file not found (run the train stages first)")
@@ -43,12 +39,12 @@ def read_history(path: Path) -> pd.DataFrame:
 def run(params: Params) -> None:
     cfg = params.analyze
     device = setup(params)
-    main = distributed.context().main  # every rank attacks its blocks; rank 0 alone draws and writes
+    main = distributed.context().main  # every rank attacks; rank 0 alone draws and writes
     splits, data_meta = load_prepared()
     check_test_subset("analyze.n_examples", cfg.n_examples, data_meta["counts"])
     geometry = {k: data_meta[k] for k in ("dataset", "num_classes", "channels", "size")}
     models = {}
-    for run_name, variant in models_to_analyze(params):  # every input is checked before any attack runs
+    for run_name, variant in params.analyzed_models():  # every input is checked before any attack runs
         path = Path("models") / variant / run_name / "best.pt"
         expect = {**checkpoint.model_id(params.run(run_name).model), "run": run_name, "variant": variant, **geometry}
         models[run_name, variant] = checkpoint.load(path, expect)[0]
@@ -62,28 +58,37 @@ def run(params: Params) -> None:
     x, y = to_float(test.x[:n], device), test.y[:n].to(device)
     metrics = {"n_examples": n, "steps": cfg.steps, "aa_iter": cfg.aa_iter, "target_classes": cfg.target_classes,
                "square_queries": cfg.square_queries}
-    for (run_name, variant), model in models.items():
-        model = model.to(device).eval()
+
+    def analyze_model(pair: tuple[str, str]) -> tuple[dict, dict]:
+        run_name, variant = pair
+        model = models[pair].to(device).eval()
         eps = params.run(run_name).train.eps
         key = f"{run_name}.{variant}"
         log(f"analyze {key}: {n} test images, eps {eps:g}")
         logits_nat = analysis.logits_of(model, x, cfg.batch_size)
-        metrics.update({f"{key}.{k}": v for k, v in analysis.natural_summary(logits_nat, y).items()})
+        out = {f"{key}.{k}": v for k, v in analysis.natural_summary(logits_nat, y).items()}
         records = {}
         for attack in analysis.ATTACKS:
             x_adv = analysis.adversarial_examples(model, x, y, attack, eps, cfg, params.seed, data_meta["num_classes"])
-            records[attack] = analysis.energies(logits_nat, analysis.logits_of(model, x_adv, cfg.batch_size), y)
+            logits_adv = analysis.logits_of(model, x_adv, cfg.batch_size)
+            records[attack] = {k: v.cpu() for k, v in analysis.energies(logits_nat, logits_adv, y).items()}
             summary = analysis.attack_summary(records[attack])
-            metrics.update({f"{key}.{attack}.{k}": v for k, v in summary.items()})
+            out.update({f"{key}.{attack}.{k}": v for k, v in summary.items()})
             log(f"analyze {key}: {attack} success {summary['success']:.3f}"
                 + (f", mean dE(x) {summary['dE_x.mean']:+.3f} dE(x,y) {summary['dE_xy.mean']:+.3f}"
                    if summary["n"] else ""))
-        if main:
-            title = (f"{run_name} ({'+DER' if variant == 'der' else 'base'}, best checkpoint): energies of "
-                     f"{n} natural test images vs successful adversarial examples, eps {eps:g}")
-            save_figure(PLOTS / f"hist_{run_name}_{variant}.png", analysis.histogram_figure(records, title, cfg.bins))
+        return out, records
+
+    # one model per rank when there are enough of them (distributed.map_units); the same numbers on 1 or N
+    analyzed = distributed.map_units(analyze_model, list(models))
     if not main:
         return
+    for (run_name, variant), (out, records) in analyzed.items():
+        metrics.update(out)
+        eps = params.run(run_name).train.eps
+        title = (f"{run_name} ({'+DER' if variant == 'der' else 'base'}, best checkpoint): energies of "
+                 f"{n} natural test images vs successful adversarial examples, eps {eps:g}")
+        save_figure(PLOTS / f"hist_{run_name}_{variant}.png", analysis.histogram_figure(records, title, cfg.bins))
     for run_name in params.run_names():
         fig = analysis.delta_energy_history_figure(
             run_name, family(params.run(run_name).train.method), {v: histories[run_name, v] for v in ("base", "der")},

@@ -22,8 +22,10 @@ The attack check pairs the strongest PGD (most steps) with APGD / AutoAttack on 
 exact one-sided binomial test of "PGD is as strong as APGD" on those discordant images; below 0.01 the stage warns
 that the PGD number overstates robustness (report `worst_acc`).
 
-Every checkpoint is loaded and checked before any attack runs. Under torchrun the blocks of
-`evaluate.batch_size` images are shared among the ranks; rank 0 gathers and writes.
+Every checkpoint is loaded and checked before any attack runs. Under torchrun each rank evaluates whole
+checkpoints when there are at least as many distinct ones as ranks (on a 2-core CPU, `distributed.eval_nproc:
+auto` runs best and last side by side, one thread each), else the blocks of `evaluate.batch_size` images are
+shared among the ranks; either way the numbers are those of one process, and rank 0 gathers and writes.
 
 The `standard` run has no threat model of its own; it is attacked at its resolved `eps`, i.e. the
 `train.eps` default (the radius of the multi-step runs unless they override it).
@@ -31,6 +33,7 @@ The `standard` run has no threat model of its own; it is attacked at its resolve
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from torch import Tensor
@@ -146,20 +149,30 @@ def run(params: Params, run_name: str, variant: str) -> None:
                  "worst_n": n_att["worst"], "eps": eps}
     titles = {"apgd": f"APGD-CE + APGD-T, first {n_att['apgd']} images",
               "aa": f"standard AutoAttack, first {n_att['aa']} images"}
-    logs, results = [], {}
+    first = {}  # sha256 -> the first checkpoint with those weights: best is often the last epoch, same numbers
+    for ck, (_, meta) in loaded.items():
+        first.setdefault(meta["sha256"], ck)
+
+    def evaluate_checkpoint(ck: str) -> dict:
+        model, meta = loaded[ck]
+        log(f"evaluate {run_name}/{variant}: {ck} (epoch {meta.get('epoch')}), {n} test images "
+            f"({n_att['apgd']} with APGD, {n_att['aa']} with AutoAttack), eps {eps:g}")
+        result = evaluate_model(model.to(device).eval(), x, y, eps, params)
+        return {**result, "flags": {name: f.cpu() for name, f in result["flags"].items()},
+                "results": {name: replace(r, robust=r.robust.cpu()) for name, r in result["results"].items()}}
+
+    # one checkpoint per rank when there are enough of them (distributed.map_units); the same numbers on 1 or N
+    evaluated = distributed.map_units(evaluate_checkpoint, list(first.values()))
+    logs = []
+    for ck, result in evaluated.items():
+        for name, attacked in result["results"].items():
+            logs += [f"== {ck}: {titles[name]}", *attacked.log]
+            metrics.update({f"{name}.{k}": ",".join(v) if isinstance(v, list) else v
+                            for k, v in attacked.settings.items()})
     for ck, (model, meta) in loaded.items():
-        if meta["sha256"] in results:  # best is often the last epoch: same weights, same numbers
-            log(f"evaluate {run_name}/{variant}: {ck} has the same weights as {results[meta['sha256']][0]}; reusing")
-        else:
-            log(f"evaluate {run_name}/{variant}: {ck} (epoch {meta.get('epoch')}), {n} test images "
-                f"({n_att['apgd']} with APGD, {n_att['aa']} with AutoAttack), eps {eps:g}")
-            result = evaluate_model(model.to(device).eval(), x, y, eps, params)
-            results[meta["sha256"]] = ck, result
-            for name, attacked in result["results"].items():
-                logs += [f"== {ck}: {titles[name]}", *attacked.log]
-                metrics.update({f"{name}.{k}": ",".join(v) if isinstance(v, list) else v
-                                for k, v in attacked.settings.items()})
-        result = results[meta["sha256"]][1]
+        if first[meta["sha256"]] != ck:
+            log(f"evaluate {run_name}/{variant}: {ck} has the same weights as {first[meta['sha256']]}; reusing")
+        result = evaluated[first[meta["sha256"]]]
         metrics.update({f"{ck}.{k}": v for k, v in result["metrics"].items()})
         metrics[f"{ck}.epoch"] = meta.get("epoch")
         flag_file.update({f"{ck}.{name}": flag_string(f) for name, f in result["flags"].items()})
