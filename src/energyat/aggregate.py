@@ -9,8 +9,9 @@ Pure functions over the JSON of `dvc exp show --json` (DVC 3.x: a list of baseli
 - A group is the candidates whose params (all params files, flattened) are equal except `seed` and the execution
   settings `threads`, `distributed.nproc` / `eval_nproc`, `cuda_graphs` and the GPU index of `device: cuda:N`,
   with a data source path compared by its normalised spelling (`/a/b/../c` is `/a/c`); within a group a seed
-  counts once (the newest experiment with it). `device: auto` ran on the CPU (fp32) or on CUDA (bf16 autocast), and neither the params nor
-  the metrics record which: it never pools with an explicit `cpu` or `cuda`, and says so in one line.
+  counts once (the newest experiment with it). `device: auto` ran on the CPU (fp32) or on CUDA (bf16 autocast),
+  and neither the params nor the metrics record which: it never pools with an explicit `cpu` or `cuda`, and says so
+  in one line.
 - Per metric key (metrics file + flattened key): numbers give n, mean, sample std and the Student-t 95 % interval
   of the mean over seeds (`stats.t_interval`); booleans give how many seeds were true.
 - Robust overfitting (multi-step runs of the experiments' `runs`, read from `metrics/eval/<run>.<variant>.json`):

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
             kind = device_type(params.device)
             nproc = params.stage_nproc(ns.stage, kind) if ns.nproc == "auto" else ns.nproc
-            distributed.check_nproc(nproc, kind, params.nproc_key(ns.stage) if ns.nproc == "auto" else "--nproc")
+            distributed.check_nproc(nproc, kind, params.nproc_key(ns.stage))  # --nproc stands in for that param
             if nproc > 1:
                 _check_args(params, ns)  # once here: every rank would fail alike, and race to say so
                 return _launch(ns.stage, nproc, params.threads, argv)

@@ -243,6 +243,9 @@ class ScoreCfg:
         return self.inception_fid is True or (self.inception_fid == "auto" and device_type == "cuda")
 
 
+EVAL_STAGES = ("evaluate", "analyze")  # their ranks: distributed.eval_nproc
+
+
 @dataclass(frozen=True)
 class DistributedCfg:
     # ranks of the train / sample stages (torchrun), and of evaluate / analyze on CUDA; 1: one process, no group
@@ -303,12 +306,12 @@ class Params:
     @staticmethod
     def nproc_key(stage: str) -> str:
         """The param that sets a stage's ranks."""
-        return "distributed.eval_nproc" if stage in ("evaluate", "analyze") else "distributed.nproc"
+        return "distributed.eval_nproc" if stage in EVAL_STAGES else "distributed.nproc"
 
     def stage_nproc(self, stage: str, device_type: str) -> int:
         """Ranks of a stage: `distributed.nproc`, but for evaluate / analyze `distributed.eval_nproc`, whose auto is
         `nproc` on CUDA and on the CPU min(threads, checkpoints or models to attack), one thread per rank at 2."""
-        if self.nproc_key(stage) == "distributed.nproc":
+        if stage not in EVAL_STAGES:
             return self.distributed.nproc
         if self.distributed.eval_nproc != "auto":
             return self.distributed.eval_nproc
