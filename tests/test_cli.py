@@ -34,6 +34,7 @@ def test_arguments_have_choices(capsys):
     ("models/der/pgd/best.json", "train-der@pgd"),
     ("data/pca/global.pt", "pca"),
     ("data/samples/pca-local/base.pt", "sample@pca-local"),
+    ("data/class_energy.json", "class-energy"),
     ("metrics/eval/standard.base.json", "evaluate-standard"),
     ("metrics/eval/pgd.der.flags.json", "evaluate@pgd-der"),
     ("metrics/train/n-fgsm.base.json", "train@n-fgsm"),

@@ -241,6 +241,50 @@ def test_autoattack_seconds_per_100_keeps_the_mode(robust_mlp):
     model.eval()
 
 
+class Quantized(nn.Module):
+    """A model that rounds its input to quarters first: no input gradient at all, so APGD (and FAB-T) stand still
+    and the black-box Square attack breaks what they leave."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(torch.round(x * 4) / 4)
+
+
+def test_autoattack_continuing_from_apgd_is_the_standard_call(robust_mlp):
+    """AutoAttack on the first 60 images in blocks of 25, once as standard calls and once continuing from an APGD
+    run over 100 cut at 60: the same flags, counts and settings, and APGD-CE + APGD-T ran once."""
+    model, x, y = robust_mlp
+    model = Quantized(model).eval()
+    x, y, n = x[:100], y[:100], 60
+    standard = robustness.run_autoattack(model, x[:n], y[:n], EPS, seed=0, block=25)
+    apgd = robustness.run_apgd(model, x, y, EPS, seed=0, block=25, boundary=n)
+    assert [s["items"] for s in apgd.blocks] == [(0, 25), (25, 50), (50, 60), (60, 85), (85, 100)]
+    after = robustness.autoattack_after_apgd(model, x[:n], y[:n], EPS, seed=0, block=25, apgd=apgd)
+    assert torch.equal(after.robust, standard.robust)
+    assert (after.clean, after.robust_after) == (standard.clean, standard.robust_after)
+    assert after.settings == standard.settings
+    # FAB-T and Square had work to do (else the test would only compare APGD with itself)
+    assert standard.robust_after["apgd-t"] > standard.robust_after["square"] > 0
+    assert sum(line == "debug: running apgd-ce" for line in after.log) == 3  # once per block, not twice
+    assert sum(line.startswith("info: FAB-T and Square on the") for line in after.log) == 3
+    # APGD's blocks must be AutoAttack's: one block over all 100 images is not
+    whole = robustness.run_apgd(model, x, y, EPS, seed=0, block=250)
+    with pytest.raises(ValueError, match="boundary=60"):
+        robustness.autoattack_after_apgd(model, x[:n], y[:n], EPS, seed=0, block=25, apgd=whole)
+
+
+def test_blocks_are_cut_again_at_a_boundary():
+    def spans(*args):
+        return [(s.start, s.stop) for s in distributed.block_slices(*args)]
+
+    assert spans(200, 50, 120) == [(0, 50), (50, 100), (100, 120), (120, 170), (170, 200)]
+    assert spans(200, 250, 50) == [(0, 50), (50, 200)]
+    assert spans(7, 3) == spans(7, 3, 7) == spans(7, 3, 0) == [(0, 3), (3, 6), (6, 7)]
+
+
 # ------------------------------------------------------------------------- sharding over ranks (gloo)
 
 def attack_flags(model, x, y, block):
@@ -249,7 +293,10 @@ def attack_flags(model, x, y, block):
     pgd = robustness.pgd_correct(model, x, y, EPS, steps=5, restarts=3, block=block, seed=0)
     aa = robustness.run_autoattack(model, x, y, EPS, seed=0, block=block)
     log = [re.sub(r"time [0-9.]+ s", "time", line) for line in aa.log]  # all but the timings must agree
-    return pgd.tolist(), aa.robust.tolist(), aa.clean, aa.robust_after, aa.warnings, log
+    # AutoAttack on the first 16 continuing from APGD's blocks (0-11 on rank 0, 12-15 on rank 1, 16-19 alone)
+    after = robustness.autoattack_after_apgd(model, x[:16], y[:16], EPS, 0, block,
+                                             robustness.run_apgd(model, x, y, EPS, 0, block, boundary=16))
+    return pgd.tolist(), aa.robust.tolist(), aa.clean, aa.robust_after, aa.warnings, log, after.robust.tolist()
 
 
 def test_two_ranks_give_the_same_flags_as_one(robust_mlp):
@@ -257,7 +304,7 @@ def test_two_ranks_give_the_same_flags_as_one(robust_mlp):
     x, y = x[:20], y[:20]  # blocks of 12: images 0-11 on rank 0, 12-19 on rank 1
     single = attack_flags(model, x, y, 12)
     assert run_ranks(attack_flags, 2, model, x, y, 12) == [single, single]
-    pgd, aa, clean, after, _, log = single
+    pgd, aa, clean, after, _, log, _ = single
     assert [line for line in log if line.startswith("--")] == ["-- block 0: images 0-11", "-- block 1: images 12-19"]
     # both attacks broke some of the clean-correct images, and the whole ensemble ran on the survivors
     assert sum(pgd) < clean and after["apgd-ce"] < clean and after["square"] == sum(aa) > 0

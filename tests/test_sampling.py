@@ -1,6 +1,7 @@
 """SGLD on E(x, y): lowering the energy, adaptive stopping, inits; and the pca / sample / score stages end to end."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -10,6 +11,7 @@ from energyat import checkpoint, data, distributed, fidelity, params, pca, sampl
 from energyat.artifacts import load_torch, save_torch, sha256, write_json
 from energyat.energy import joint_energy
 from energyat.errors import UserError
+from energyat.stages import class_energy as class_energy_stage
 from energyat.stages import pca as pca_stage
 from energyat.stages import sample as sample_stage
 from energyat.stages import score as score_stage
@@ -282,6 +284,7 @@ def test_stages_pca_sample_score_end_to_end(tmp_path, monkeypatch, stage_model):
         assert pm[f"pca.global.{c}.retained"] == round(float(fit["retained"]), 4)
         assert pm[f"pca.global.{c}.components"] == fit["components"].shape[0]
 
+    class_energy_stage.run(p)
     for sampler in p.sample.samplers:
         sample_stage.run(p, sampler)
     y = torch.arange(4).repeat_interleave(3)
@@ -341,6 +344,7 @@ def test_score_stage_with_inception_fid_on(tmp_path, monkeypatch, stage_model, s
     p = workspace(tmp_path, stage_model, {"uniform": {"init": "uniform", "adaptive": False}},
                   score={"inception_fid": True, "inception_reference": 40})
     pca_stage.run(p)
+    class_energy_stage.run(p)
     sample_stage.run(p, "uniform")
     with pytest.raises(UserError, match=r"^score.inception_fid: true, but .* is missing; `make inception`"):
         score_stage.run(p)
@@ -367,6 +371,16 @@ def test_score_stage_with_inception_fid_on(tmp_path, monkeypatch, stage_model, s
     assert table.splitlines()[-1].endswith(f"| — | not computed | {m['gen.real.inception_fid']:.4g} |")
 
 
+@pytest.mark.parametrize("channels, n, rows", [(1, 7, 3), (3, 6, 2)])
+def test_sample_grid_has_torchvisions_make_grid_layout(channels, n, rows):
+    from torchvision.utils import make_grid
+
+    tiles = torch.rand(n, channels, 5, 4, generator=torch.Generator().manual_seed(n))
+    grid = sample_stage.tile_grid(tiles, 3)
+    assert grid.shape == (3, rows * 7 + 2, 3 * 6 + 2)  # rows x 3 columns of (5 + 2) x (4 + 2), plus the outer border
+    assert torch.equal(grid, make_grid(tiles, nrow=3, padding=2, pad_value=1.0))
+
+
 def test_sample_stage_bad_inputs(tmp_path, monkeypatch, capsys, stage_model):
     monkeypatch.chdir(tmp_path)
     p = workspace(tmp_path, stage_model, {"global": {"init": "pca-global", "adaptive": False}})
@@ -379,11 +393,20 @@ def test_sample_stage_bad_inputs(tmp_path, monkeypatch, capsys, stage_model):
     meta_path = tmp_path / "models/der/pgd/best.json"
     meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "val_pgd_acc": 0.0}))
     pca_stage.run(p)
+    with pytest.raises(UserError, match=r"^data/class_energy.json: file not found; make it first with "
+                                        r"`dvc repro class-energy`$"):
+        sample_stage.run(p, "global")
+    class_energy_stage.run(p)
     sample_stage.run(p, "global")
     err = capsys.readouterr().err
     assert "models/der/pgd/best.pt has validation PGD accuracy 0.000 (chance 0.250): not robust" in err
     assert "models/base/pgd/best.pt has" not in err
     assert load_torch("data/samples/global/der.pt")["x"].shape == (12, 1, 16, 16)
+    # Ē_y measured on other images than the params name: stop, naming the stage that remakes it
+    fewer = dataclasses.replace(p, sample=dataclasses.replace(p.sample, n_energy=20))
+    with pytest.raises(UserError, match=r"^data/class_energy.json: made for .*'n_energy': 50.*, not .*'n_energy': 20.*; "
+                                        r"rerun `dvc repro class-energy`$"):
+        sample_stage.run(fewer, "global")
     with pytest.raises(UserError, match=r"^data/samples/global/base.pt: not a samples file"):
         save_torch(tmp_path / "data/samples/global/base.pt", {"x": torch.zeros(3)})
         score_stage.run(p)

@@ -125,7 +125,8 @@ def save_figure(path: str | Path, fig) -> None:
 # which `dvc repro` target makes a stage input (paths relative to the pipeline's root)
 MAKERS = ((r"data/prepared", "prepare"), (r"models/base/standard", "train-standard"),
           (r"models/base/([^/]+)", r"train@\1"), (r"models/der/([^/]+)", r"train-der@\1"), (r"data/pca", "pca"),
-          (r"data/samples/([^/]+)", r"sample@\1"), (r"metrics/eval/standard\.", "evaluate-standard"),
+          (r"data/samples/([^/]+)", r"sample@\1"), (r"data/class_energy\.json", "class-energy"),
+          (r"metrics/eval/standard\.", "evaluate-standard"),
           (r"metrics/eval/([^/]+)\.(base|der)\.", r"evaluate@\1-\2"), (r"metrics/train/standard\.", "train-standard"),
           (r"metrics/train/([^/]+)\.base\.", r"train@\1"), (r"metrics/train/([^/]+)\.der\.", r"train-der@\1"),
           (r"metrics/score\.json", "score"), (r"metrics/sample/([^/.]+)", r"sample@\1"))

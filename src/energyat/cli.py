@@ -25,6 +25,7 @@ STAGES: dict[str, tuple[str, tuple[str, ...], str]] = {
     "evaluate": ("evaluate", ("run", "variant"), "clean, PGD-k (restarts) and AutoAttack accuracy of a run's checkpoints"),
     "analyze": ("analyze", (), "energies of natural vs adversarial test images, per attack"),
     "pca": ("pca", (), "class-wise global and local PCA of the training images"),
+    "class-energy": ("class_energy", (), "mean energy E(x,y) of each class's training images (adaptive stopping's target)"),
     "sample": ("sample", ("sampler",), "SGLD samples from the base and DER models with one sampler"),
     "score": ("score", (), "IS / FID / diversity of the samples"),
     "report": ("report", (), "summary metrics and the CO / RO / training tables"),

@@ -97,16 +97,23 @@ def shard(n: int, ctx: Context | None = None) -> slice:
     return slice(start, start + base + (ctx.rank < extra))
 
 
-def owned_blocks(n: int, block: int, ctx: Context | None = None) -> list[tuple[int, slice]]:
-    """(block index, item slice) of the fixed-size blocks of `n` items that this rank processes.
+def block_slices(n: int, block: int, boundary: int = 0) -> list[slice]:
+    """The fixed-size blocks of `n` items in index order; with 0 < boundary < n, those of [0, boundary) and then
+    those of [boundary, n), so that the blocks over the first `boundary` items are the ones a run on them alone
+    cuts (AutoAttack continuing from APGD's blocks, robustness.autoattack_after_apgd)."""
+    cuts = [0, boundary, n] if 0 < boundary < n else [0, n]
+    return [slice(s, min(stop, s + block)) for start, stop in zip(cuts, cuts[1:]) for s in range(start, stop, block)]
+
+
+def owned_blocks(n: int, block: int, ctx: Context | None = None, boundary: int = 0) -> list[tuple[int, slice]]:
+    """(block index, item slice) of the blocks of `n` items (`block_slices`) that this rank processes.
 
     Blocks are cut from the global index the same way for any world size and handed out contiguously,
     so per-block randomness (seeded by the block index) gives the same result on 1 or N ranks, and
     concatenating the ranks' results in rank order restores the item order."""
-    ctx = ctx or _context
-    n_blocks = (n + block - 1) // block
-    mine = shard(n_blocks, ctx)
-    return [(b, slice(b * block, min(n, (b + 1) * block))) for b in range(mine.start, mine.stop)]
+    slices = block_slices(n, block, boundary)
+    mine = shard(len(slices), ctx or _context)
+    return [(b, slices[b]) for b in range(mine.start, mine.stop)]
 
 
 def block_seed(seed: int, *parts) -> int:

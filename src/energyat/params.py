@@ -147,7 +147,7 @@ class EvaluateCfg:
     aa_examples: int = field(default=50, metadata=_range(1))  # AutoAttack: the first aa_examples of those n
     # APGD-CE + APGD-T: the first apgd_examples of those n (more than n: all n, so that a preset's "all of them" holds
     # when a block or a test shrinks n_examples); 0: off
-    apgd_examples: int = field(default=200, metadata=_range(0))
+    apgd_examples: int = field(default=100, metadata=_range(0))
     batch_size: int = field(default=250, metadata=_range(1))  # also the block of images a rank owns (torchrun)
     pgd_steps: tuple[int, ...] = (50,)  # one PGD-k evaluation per entry, each with `restarts` random starts
     restarts: int = field(default=1, metadata=_range(1))

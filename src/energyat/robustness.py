@@ -41,10 +41,12 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def over_blocks(fn: Callable[[int, slice], Tensor], n: int, block: int, empty: Tensor, desc: str = "") -> Tensor:
-    """`fn(block_index, items)` on this rank's fixed-size blocks of n items, concatenated over blocks and ranks
-    in index order (every rank gets the whole result). `empty` (zero rows) stands in for a rank without blocks."""
-    parts = [fn(b, items) for b, items in progress(distributed.owned_blocks(n, block), desc=desc)]
+def over_blocks(fn: Callable[[int, slice], Tensor], n: int, block: int, empty: Tensor, desc: str = "",
+                boundary: int = 0) -> Tensor:
+    """`fn(block_index, items)` on this rank's fixed-size blocks of n items (cut again at `boundary`:
+    `distributed.block_slices`), concatenated over blocks and ranks in index order (every rank gets the whole
+    result). `empty` (zero rows) stands in for a rank without blocks."""
+    parts = [fn(b, items) for b, items in progress(distributed.owned_blocks(n, block, boundary=boundary), desc=desc)]
     return distributed.gather_cat(torch.cat(parts) if parts else empty)
 
 
@@ -92,6 +94,7 @@ def pgd_correct(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, 
 # ------------------------------------------------------------------------------------------- AutoAttack
 
 APGD_ATTACKS = ("apgd-ce", "apgd-t")  # standard AutoAttack's gradient half, run on its own (evaluate.apgd_examples)
+AFTER_APGD = ("fab-t", "square")  # the rest of standard AutoAttack, in its order
 
 
 def make_autoattack(model: nn.Module, eps: float, seed: int, attacks: tuple[str, ...] | None = None) -> AutoAttack:
@@ -201,6 +204,7 @@ class AutoAttackResult:
     warnings: int = 0  # warnings raised by AutoAttack's checks (logger level WARNING, Python warnings)
     log: list[str] = field(default_factory=list)  # its own log lines, block by block
     settings: dict = field(default_factory=dict)  # what it ran with, read back from its attack objects after the run
+    blocks: list[dict] = field(default_factory=list)  # each official call's summary, in index order (items: (start, stop))
 
     @property
     def n(self) -> int:
@@ -255,12 +259,29 @@ def autoattack_block(model: nn.Module, x: Tensor, y: Tensor, eps: float, seed: i
     return robust, {**summary, "clean": clean, "settings": autoattack_settings(adversary)}
 
 
+def _result(robust: Tensor, summaries: list[dict], settings: dict | None = None) -> AutoAttackResult:
+    """This rank's block summaries gathered from every rank (index order) into one result."""
+    blocks = sorted((s for rank in distributed.gather_objects(summaries) for s in rank), key=lambda s: s["items"])
+    settings = settings or blocks[0]["settings"]
+    ran = settings["attacks"]
+    return AutoAttackResult(
+        robust=robust, clean=sum(s["clean"] for s in blocks),
+        robust_after={a: sum(s["robust_after"][a] for s in blocks) for a in ran},
+        seconds={a: sum(s["seconds"][a] for s in blocks) for a in ran},
+        warnings=sum(s["warnings"] for s in blocks),
+        log=[line for s in blocks for line in
+             (f"-- block {s['block']}: images {s['items'][0]}-{s['items'][1] - 1}", *s["log"])],
+        settings=settings, blocks=blocks)
+
+
 def run_autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, seed: int, block: int,
-                   attacks: tuple[str, ...] | None = None) -> AutoAttackResult:
+                   attacks: tuple[str, ...] | None = None, boundary: int = 0) -> AutoAttackResult:
     """Standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) as its authors run it: one `run_standard_evaluation`
     call per block of `block` examples, with its own checks, warnings and seed; worst case over the ensemble,
     per example. Each rank runs its own blocks; flags, counts and log lines are gathered in index order.
-    `attacks`: only these of AutoAttack's attacks, with the standard version's settings (`make_autoattack`)."""
+    `attacks`: only these of AutoAttack's attacks, with the standard version's settings (`make_autoattack`).
+    `boundary`: the blocks are cut again there (`distributed.block_slices`), so that those over the first
+    `boundary` examples are the ones a run on them alone makes (`autoattack_after_apgd` continues from them)."""
     _check_eval(model)
     summaries: list[dict] = []
 
@@ -270,23 +291,60 @@ def run_autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, seed: int
         return robust
 
     desc = "AutoAttack blocks" if attacks is None else f"{'+'.join(attacks).upper()} blocks"
-    robust = over_blocks(one, len(y), block, y[:0].bool(), desc=desc)
-    blocks = [s for rank in distributed.gather_objects(summaries) for s in rank]
-    ran = blocks[0]["settings"]["attacks"]
-    return AutoAttackResult(
-        robust=robust, clean=sum(s["clean"] for s in blocks),
-        robust_after={a: sum(s["robust_after"][a] for s in blocks) for a in ran},
-        seconds={a: sum(s["seconds"][a] for s in blocks) for a in ran},
-        warnings=sum(s["warnings"] for s in blocks),
-        log=[line for s in blocks for line in
-             (f"-- block {s['block']}: images {s['items'][0]}-{s['items'][1] - 1}", *s["log"])],
-        settings=blocks[0]["settings"])
+    robust = over_blocks(one, len(y), block, y[:0].bool(), desc=desc, boundary=boundary)
+    return _result(robust, summaries)
 
 
-def run_apgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, seed: int, block: int) -> AutoAttackResult:
+def autoattack_after_apgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, seed: int, block: int,
+                          apgd: AutoAttackResult) -> AutoAttackResult:
+    """Standard AutoAttack on these n examples, continuing from `apgd` (`run_apgd` on them and possibly more,
+    with `boundary=n`): each block's APGD-CE and APGD-T are the APGD run's call on the same block, and the
+    examples it leaves standing go through FAB-T and Square in one official call with the same seed, as the
+    standard call goes on after its APGD-T. Every attack reseeds itself and sees the same images in the same
+    order, so flags and counts are those of `run_autoattack` on the same blocks (tested), without running
+    APGD-CE and APGD-T twice."""
+    _check_eval(model)
+    n = len(y)
+    by_items = {s["items"]: s for s in apgd.blocks}
+    summaries: list[dict] = []
+
+    def one(b: int, items: slice) -> Tensor:
+        first = by_items.get((items.start, items.stop))
+        if first is None or list(first["robust_after"]) != list(APGD_ATTACKS):
+            raise ValueError(f"the APGD run has no APGD-CE + APGD-T block over images {items.start}-{items.stop - 1}:"
+                             f" run it with boundary={n}")
+        robust = apgd.robust[items].to(y.device).clone()
+        idx = robust.nonzero().squeeze(1)
+        summary = {**first, "block": b, "log": list(first["log"]), "rest": None}
+        after = first["robust_after"]["apgd-t"]
+        summary["robust_after"] = {**first["robust_after"], **dict.fromkeys(AFTER_APGD, after)}
+        summary["seconds"] = {**first["seconds"], **dict.fromkeys(AFTER_APGD, 0.0)}
+        if len(idx):
+            robust[idx], rest = autoattack_block(model, x[items][idx], y[items][idx], eps, seed, AFTER_APGD)
+            summary["robust_after"].update(rest["robust_after"])
+            summary["seconds"].update(rest["seconds"])
+            summary["warnings"] += rest["warnings"]
+            summary["log"] += [f"info: FAB-T and Square on the {len(idx)} images APGD-T left standing", *rest["log"]]
+            summary["rest"] = rest["settings"]
+        summaries.append(summary)
+        return robust
+
+    robust = over_blocks(one, n, block, y[:0].bool(), desc="FAB-T+SQUARE blocks")
+    gathered = [s for rank in distributed.gather_objects(summaries) for s in rank]
+    # FAB-T and Square as they ran (their settings read back after a run), else as built: a standard call whose
+    # APGD left nothing standing never runs them either
+    rest = next((s["rest"] for s in gathered if s["rest"] is not None), None) or \
+        autoattack_settings(make_autoattack(model, eps, seed, AFTER_APGD))
+    settings = {**apgd.settings, **{k: v for k, v in rest.items() if k.split(".")[0] in AFTER_APGD},
+                "version": AA_VERSION, "attacks": [*APGD_ATTACKS, *AFTER_APGD]}
+    return _result(robust, summaries, settings)
+
+
+def run_apgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, seed: int, block: int,
+             boundary: int = 0) -> AutoAttackResult:
     """APGD-CE then APGD-T (9 target classes) on the images APGD-CE leaves standing, as standard AutoAttack runs
     them (its settings, seed and checks; the official code, version 'custom'), without FAB-T and Square."""
-    return run_autoattack(model, x, y, eps, seed, block, attacks=APGD_ATTACKS)
+    return run_autoattack(model, x, y, eps, seed, block, attacks=APGD_ATTACKS, boundary=boundary)
 
 
 def autoattack_seconds_per_100(model: nn.Module, x: Tensor, y: Tensor, eps: float, seed: int = 0,

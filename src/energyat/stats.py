@@ -13,9 +13,9 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
-from scipy import stats as sps
 
 Z95 = 1.959963984540054  # standard normal 97.5 % quantile
 
@@ -45,11 +45,17 @@ def mcnemar_exact(a, b) -> float:
     return _mcnemar(*discordant(a, b))
 
 
+def _binomial_half_cdf(k: int, n: int) -> float:
+    """P(X <= k) for X ~ Binomial(n, 1/2), exact: integer counts over 2^n, rounded once. (Pure Python: scipy.stats
+    takes ~1 s to import, which every evaluate stage would pay for these two tests.)"""
+    return float(Fraction(sum(math.comb(n, i) for i in range(k + 1)), 2 ** n))
+
+
 def _mcnemar(only_a: int, only_b: int) -> float:
     k = only_a + only_b
     if k == 0:
         return 1.0
-    return float(min(1.0, 2 * sps.binom.cdf(min(only_a, only_b), k, 0.5)))
+    return min(1.0, 2 * _binomial_half_cdf(min(only_a, only_b), k))
 
 
 def binomial_excess_p(more: int, fewer: int) -> float:
@@ -60,7 +66,7 @@ def binomial_excess_p(more: int, fewer: int) -> float:
         raise ValueError(f"binomial_excess_p: counts must be >= 0, got {more} and {fewer}")
     if more + fewer == 0:
         return 1.0
-    return float(sps.binomtest(more, more + fewer, 0.5, alternative="greater").pvalue)
+    return _binomial_half_cdf(fewer, more + fewer)  # P(X >= more) = P(X <= fewer) by symmetry
 
 
 def newcombe_paired(both: int, only_a: int, only_b: int, neither: int, z: float = Z95) -> tuple[float, float]:
@@ -100,6 +106,8 @@ def t_interval(values, level: float = 0.95) -> dict:
     k, mean = len(v), float(v.mean())
     if k == 1:
         return {"n": 1, "mean": mean, "std": float("nan"), "lo": float("nan"), "hi": float("nan")}
+    from scipy import stats as sps  # only the seed aggregates need scipy (see _binomial_half_cdf)
+
     std = float(v.std(ddof=1))
     half = float(sps.t.ppf(0.5 + level / 2, k - 1)) * std / math.sqrt(k)
     return {"n": k, "mean": mean, "std": std, "lo": mean - half, "hi": mean + half}
@@ -113,6 +121,8 @@ def paired_t(a, b) -> float:
     # a spread that small is no spread, not a t of 1e15
     if len(d) < 2 or np.ptp(d) <= 1e-12 * max(1.0, float(np.abs(d).max())):
         return float("nan")
+    from scipy import stats as sps
+
     return float(sps.ttest_1samp(d, 0.0).pvalue)
 
 

@@ -4,7 +4,9 @@ run's checkpoints, and the worst case over all of them, image by image.
 Reads models/<variant>/<run>/{best,last}.pt and the test split. Clean and PGD run on the first
 `evaluate.n_examples` test images, APGD (APGD-CE then APGD-T, standard AutoAttack's settings, through the official
 code) on the first `evaluate.apgd_examples` of them (all of them when it is larger), standard AutoAttack on the
-first `evaluate.aa_examples`.
+first `evaluate.aa_examples`. Where APGD covers AutoAttack's images, its blocks are cut at aa_examples and
+AutoAttack continues from them (`robustness.autoattack_after_apgd`: its APGD-CE and APGD-T are the APGD run's calls
+on the same blocks, FAB-T and Square run on what they leave standing; the flags of a standard call, tested).
 `worst` covers the first max(apgd_examples, aa_examples) images, the images that every gradient attack ran on
 (AutoAttack contains APGD-CE and APGD-T with the same settings): an image counts as robust when the model classifies
 it correctly clean and under every PGD-k (each restart), APGD (where it ran) and AutoAttack (where it ran). Writes
@@ -100,12 +102,21 @@ def evaluate_model(model, x, y, eps: float, params: Params) -> dict:
         flags[f"pgd{steps}"] = robustness.pgd_correct(model, x, y, eps, steps, cfg.restarts, cfg.batch_size,
                                                       params.seed)
         seconds[f"pgd{steps}"] = time.perf_counter() - start
-    for name, attacks in (("apgd", robustness.APGD_ATTACKS), ("aa", None)):
+    # AutoAttack continues from APGD's blocks over its images when APGD covers them (the same calls, not run twice)
+    after_apgd = 0 < n_att["aa"] <= n_att["apgd"]
+    attack_runs = {
+        "apgd": lambda n: robustness.run_apgd(model, x[:n], y[:n], eps, params.seed, cfg.batch_size,
+                                              boundary=n_att["aa"] if after_apgd else 0),
+        "aa": lambda n: (robustness.autoattack_after_apgd(model, x[:n], y[:n], eps, params.seed, cfg.batch_size,
+                                                          results["apgd"]) if after_apgd else
+                         robustness.run_autoattack(model, x[:n], y[:n], eps, params.seed, cfg.batch_size)),
+    }
+    for name, attack_run in attack_runs.items():
         n = n_att[name]
         if not n:
             continue
         start = time.perf_counter()
-        result = robustness.run_autoattack(model, x[:n], y[:n], eps, params.seed, cfg.batch_size, attacks)
+        result = attack_run(n)
         seconds[name] = time.perf_counter() - start  # wall clock; the per-attack seconds are summed over blocks
         # AutoAttack's per-attack seconds keep their plain names (seconds.square); APGD's are seconds.apgd.<attack>
         seconds.update({(a if name == "aa" else f"{name}.{a}"): v for a, v in result.seconds.items()})
