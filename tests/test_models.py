@@ -3,10 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from energyat import checkpoint
+from energyat import checkpoint, models
 from energyat import energy as E
 from energyat.errors import UserError
-from energyat.models import MODELS
+from energyat.models import MODELS, MaxPool2d
 from energyat.params import ModelCfg
 
 GEOMETRY = {"dataset": "synthetic", "num_classes": 10, "channels": 1, "size": 28, "mean": [0.5], "std": [0.25]}
@@ -51,6 +51,59 @@ def test_small_cnn_pools_before_relu_with_relu_first_values_and_gradients():
     (o0, g0, p0), (o1, g1, p1) = results
     assert (o0 == 0).any() and torch.equal(o0, o1) and torch.equal(g0, g1)
     assert all(torch.equal(a, b) for a, b in zip(p0, p1))
+
+
+def test_cpu_max_pool_matches_torch_values_gradients_ties_and_double_backward():
+    """The small CNN's pooling (argmax found channels-last, maxima gathered) against F.max_pool2d: the same values,
+    input gradients, tie-breaking (the first maximum in the window gets the gradient) and second derivatives, on
+    even and odd sizes."""
+    pool = MaxPool2d(2)
+    tie = torch.tensor([[[[1.0, 1.0], [0.0, 1.0]]]], requires_grad=True)
+    pool(tie).sum().backward()
+    assert torch.equal(tie.grad, torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]]))
+    torch.manual_seed(0)
+    for shape in ((5, 3, 28, 28), (2, 4, 7, 7)):
+        x = torch.randn(shape)
+        x[0, :, :4, :4] = 0.25  # a constant patch: ties in every window
+        results = []
+        for f in (pool, lambda z: F.max_pool2d(z, 2)):
+            xi = x.clone().requires_grad_(True)
+            out = f(xi)
+            (g,) = torch.autograd.grad(out.square().sum(), xi, create_graph=True)
+            (gg,) = torch.autograd.grad(g.square().sum(), xi)
+            results.append((out.detach(), g.detach(), gg))
+        assert all(torch.equal(a, b) for a, b in zip(*results))
+    cl = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    assert torch.equal(pool(cl), F.max_pool2d(cl, 2))
+
+
+def test_eval_mode_cpu_batches_run_in_equal_chunks_with_whole_batch_numbers(monkeypatch):
+    """Eval mode on the CPU: a batch over CPU_CHUNK runs in equal chunks (300 -> 3 x 100 at 128), with the outputs
+    and input gradients of one whole pass; training mode stays whole (batch statistics)."""
+    model = checkpoint.new_model(checkpoint.model_meta(ModelCfg(width=8, hidden=32), GEOMETRY))
+    seen = []
+    model.net.register_forward_pre_hook(lambda _, args: seen.append(len(args[0])))
+    torch.manual_seed(1)
+    x, y = torch.rand(300, 1, 28, 28), torch.randint(0, 10, (300,))
+
+    def out_and_grad():
+        xi = x.clone().requires_grad_(True)
+        out = model(xi)
+        (g,) = torch.autograd.grad(F.cross_entropy(out, y, reduction="sum"), xi)
+        return out.detach(), g
+
+    model.eval()
+    monkeypatch.setattr(models, "CPU_CHUNK", 10**9)
+    whole = out_and_grad()
+    monkeypatch.setattr(models, "CPU_CHUNK", 128)
+    seen.clear()
+    chunked = out_and_grad()
+    assert seen == [100, 100, 100]
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
+    model.train()
+    seen.clear()
+    model(x)
+    assert seen == [300]
 
 
 def test_checkpoint_rebuilds_the_options_it_was_saved_with(tmp_path):
