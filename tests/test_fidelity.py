@@ -66,6 +66,17 @@ def test_classifier_extractor_matches_a_direct_computation(classifier):
     assert feats(x1).shape == (40, 64)  # the small CNN: 64 channel means, not the 64·4·4 flattened map
 
 
+def test_pooled_features_of_a_batch_the_model_runs_in_chunks(classifier):
+    """300 images in one batch: an eval-mode CPU model runs them in chunks (models.CPU_CHUNK), and the extractor
+    returns every image's features, those of a direct computation."""
+    path, model = classifier
+    x = images(300, 4)
+    got = fidelity.features(fidelity.pooled_features(path, torch.device("cpu")), x, batch_size=300)
+    with torch.no_grad():
+        want = F.relu(model.net.features((x.float() / 255 - 0.5) / 0.25)).mean((2, 3))
+    assert got.shape == (300, 64) and torch.allclose(got, want, atol=1e-6)
+
+
 def test_scorer_reuses_the_reference_and_scores_it_as_identical(classifier):
     path, model = classifier
     ref, x = images(50, 3), images(30, 4)

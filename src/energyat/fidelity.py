@@ -58,14 +58,16 @@ class ClassifierFeatures(torch_fidelity.FeatureExtractorBase):
             raise UserError(f"{CLASSIFIER}: needs feature_extractor_weights_path, a classifier checkpoint (.pt)")
         self.model, self.meta = checkpoint.load(feature_extractor_weights_path)
         self.model.requires_grad_(False)
-        # the last 4-D output among the network's top-level blocks is its last feature map
-        self._maps: list[Tensor] = []
+        # the last 4-D output among the network's top-level blocks is its last feature map; one list of maps per
+        # pass of the network (an eval-mode CPU batch runs in chunks, models.Normalized)
+        self._maps: list[list[Tensor]] = []
+        self.model.net.register_forward_pre_hook(lambda _module, _inputs: self._maps.append([]))
         for block in self.model.net.children():
             block.register_forward_hook(self._keep_map)
 
     def _keep_map(self, _module, _inputs, out) -> None:
         if torch.is_tensor(out) and out.ndim == 4:
-            self._maps.append(out)
+            self._maps[-1].append(out)
 
     @staticmethod
     def get_provided_features_list():
@@ -85,9 +87,9 @@ class ClassifierFeatures(torch_fidelity.FeatureExtractorBase):
                              f"got {x.dtype} {tuple(x.shape)}")
         self._maps.clear()
         logits = self.model(x.float() / 255)
-        if not self._maps:
+        if not all(self._maps):
             raise UserError(f"{CLASSIFIER}: arch {self.meta['arch']!r} has no 4-D feature map among its top-level blocks")
-        pool = F.relu(self._maps[-1]).mean((2, 3))
+        pool = torch.cat([F.relu(maps[-1]).mean((2, 3)) for maps in self._maps])
         self._maps.clear()
         out = {"pool": pool, "logits": logits}
         return tuple(out[f].float() for f in self.features_list)

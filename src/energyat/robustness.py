@@ -259,9 +259,13 @@ def autoattack_block(model: nn.Module, x: Tensor, y: Tensor, eps: float, seed: i
     return robust, {**summary, "clean": clean, "settings": autoattack_settings(adversary)}
 
 
-def _result(robust: Tensor, summaries: list[dict], settings: dict | None = None) -> AutoAttackResult:
-    """This rank's block summaries gathered from every rank (index order) into one result."""
-    blocks = sorted((s for rank in distributed.gather_objects(summaries) for s in rank), key=lambda s: s["items"])
+def _gathered(summaries: list[dict]) -> list[dict]:
+    """This rank's block summaries and every other rank's, in index order."""
+    return sorted((s for rank in distributed.gather_objects(summaries) for s in rank), key=lambda s: s["items"])
+
+
+def _result(robust: Tensor, blocks: list[dict], settings: dict | None = None) -> AutoAttackResult:
+    """Every rank's block summaries (`_gathered`) as one result."""
     settings = settings or blocks[0]["settings"]
     ran = settings["attacks"]
     return AutoAttackResult(
@@ -292,7 +296,7 @@ def run_autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, seed: int
 
     desc = "AutoAttack blocks" if attacks is None else f"{'+'.join(attacks).upper()} blocks"
     robust = over_blocks(one, len(y), block, y[:0].bool(), desc=desc, boundary=boundary)
-    return _result(robust, summaries)
+    return _result(robust, _gathered(summaries))
 
 
 def autoattack_after_apgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, seed: int, block: int,
@@ -330,14 +334,14 @@ def autoattack_after_apgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, se
         return robust
 
     robust = over_blocks(one, n, block, y[:0].bool(), desc="FAB-T+SQUARE blocks")
-    gathered = [s for rank in distributed.gather_objects(summaries) for s in rank]
+    gathered = _gathered(summaries)
     # FAB-T and Square as they ran (their settings read back after a run), else as built: a standard call whose
     # APGD left nothing standing never runs them either
     rest = next((s["rest"] for s in gathered if s["rest"] is not None), None) or \
         autoattack_settings(make_autoattack(model, eps, seed, AFTER_APGD))
     settings = {**apgd.settings, **{k: v for k, v in rest.items() if k.split(".")[0] in AFTER_APGD},
                 "version": AA_VERSION, "attacks": [*APGD_ATTACKS, *AFTER_APGD]}
-    return _result(robust, summaries, settings)
+    return _result(robust, gathered, settings)
 
 
 def run_apgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, seed: int, block: int,

@@ -1,9 +1,11 @@
 """`sample` stage: SGLD samples of one sampler from the `sample.run` model, without (base) and with DER.
 
-Writes data/samples/<sampler>/{base,der}.pt (uint8 images, labels, steps used, step-sweep snapshots),
-plots/samples/<sampler>.{base,der}.png (classes × examples), plots/sampling/<sampler>.{base,der}.tsv
-(per-step mean energy and fraction stopped) and metrics/sample/<sampler>.json. Under torchrun every rank
-runs its own blocks of chains (`sampling.generate`), the chains are gathered, and only rank 0 writes.
+Reads the two models, the PCA fits of data/pca (PCA samplers) and, for adaptive stopping, the mean class energies
+Ē_y that the class-energy stage wrote to data/class_energy.json. Writes data/samples/<sampler>/{base,der}.pt (uint8
+images, labels, steps used, step-sweep snapshots), plots/samples/<sampler>.{base,der}.png (classes × examples),
+plots/sampling/<sampler>.{base,der}.tsv (per-step mean energy and fraction stopped) and
+metrics/sample/<sampler>.json. Under torchrun every rank runs its own blocks of chains (`sampling.generate`), the
+chains are gathered, and only rank 0 writes.
 """
 from __future__ import annotations
 
