@@ -51,11 +51,12 @@ CPU_CHUNK = 128  # images per pass of an eval-mode model on the CPU (see Normali
 
 
 class Normalized(nn.Module):
-    """The network on (x - mean) / std. In eval mode on the CPU a batch larger than CPU_CHUNK goes through in
-    chunks of that many images, concatenated (backward splits the gradient the same way): every image's output is
-    computed on its own in eval mode, so the numbers do not change, but a chunk's activations stay in cache; the
-    500-image validation and 250-image evaluation batches run ~1.3-1.6x faster (docs/performance.md). Training mode
-    is left whole: batch statistics (BatchNorm) depend on the batch."""
+    """The network on (x - mean) / std. In eval mode on the CPU a batch larger than CPU_CHUNK runs in equal chunks of
+    at most that many images, concatenated (backward splits the gradient the same way). In eval mode no image's
+    output depends on the others, and a chunk's activations stay in cache: the 500-image validation and 250-image
+    evaluation batches run ~1.3-1.6x faster (docs/performance.md). Equal chunks (no remainder of a few images, which
+    the CPU kernels may round differently) give the whole batch's numbers bit for bit (tested). Training mode stays
+    whole: batch statistics (BatchNorm) depend on the batch."""
 
     def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
         super().__init__()
