@@ -51,6 +51,8 @@ def tiny_params(tarball: Path) -> dict:
                            "model": {"hidden": 16}}}  # a per-run network, checked by every later stage
     raw["pca"].update(k=20, n_anchors=2)
     raw["sample"].update(steps=4, step_sweep=[0, 2], samples_per_class=3, n_energy=20)
+    # two samplers (a fixed-step one, the adaptive one): each sample@ stage is a process launch, run twice below
+    raw["sample"]["samplers"] = {k: raw["sample"]["samplers"][k] for k in ("pca-local", "pca-local-adaptive")}
     raw["score"].update(n_reference=100)
     raw["evaluate"].update(n_examples=20, aa_examples=4, pgd_steps=[3, 5], restarts=2)
     raw["analyze"].update(n_examples=20, steps=3, aa_iter=5, target_classes=1, square_queries=20)
