@@ -16,8 +16,8 @@ import json
 import subprocess
 from pathlib import Path
 
-from energyat import stats
-from energyat.report import paired
+from energyat.evaluation import stats
+from energyat.reporting.tables import paired
 
 METRICS = ("clean", "pgd50", "apgd", "aa", "worst")
 

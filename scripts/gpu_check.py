@@ -39,18 +39,20 @@ from pathlib import Path
 from typing import Callable
 from unittest import mock
 
-import energyat  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch loads)
 import torch
 import yaml
 
-from energyat import checkpoint, data, fidelity, pca, robustness, sampling
+import energyat  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch loads)
 from energyat import params as P
-from energyat import train as training
-from energyat.artifacts import write_json
+from energyat.commands import bench
 from energyat.errors import UserError
-from energyat.methods import METHODS
-from energyat.runtime import log, setup
-from energyat.stages import bench
+from energyat.evaluation import fidelity, robustness
+from energyat.infra.artifacts import write_json
+from energyat.infra.runtime import log, setup
+from energyat.runstate import checkpoint
+from energyat.science import class_pca, data, sampling
+from energyat.science import training as training
+from energyat.science.methods import METHODS
 
 TARGETS = {  # the targets of the GPU path, for one H100
     "pgd_img_per_s_min": 1300, "pgd_speedup_vs_plain_min": 2.0, "der_cost_max": 1.15,
@@ -312,7 +314,7 @@ class Check:
         train, k, seed, scfg = self.splits["train"], self.meta["num_classes"], self.params.seed, self.params.sample
         with self.clock("pca"):
             x_flat = data.to_float(train.x[:self.plan.n_train]).flatten(1)
-            fits, classes, _ = pca.local_classwise(x_flat, train.y[:self.plan.n_train], k, self.params.pca.variance,
+            fits, classes, _ = class_pca.local_classwise(x_flat, train.y[:self.plan.n_train], k, self.params.pca.variance,
                                                    self.params.pca.k, self.params.pca.n_anchors,
                                                    torch.Generator().manual_seed(seed))
         self.out["pca.local.components_mean"] = round(sum(f["components"].shape[0] for f in fits) / len(fits), 1)

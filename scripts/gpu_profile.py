@@ -23,16 +23,16 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import energyat  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch loads)
 import torch
 import yaml
 from torch.profiler import ProfilerActivity, profile
 
-from energyat import checkpoint
+import energyat  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch loads)
 from energyat import params as P
-from energyat.artifacts import write_json
-from energyat.runtime import log, setup
-from energyat.stages import bench
+from energyat.commands import bench
+from energyat.infra.artifacts import write_json
+from energyat.infra.runtime import log, setup
+from energyat.runstate import checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gpu_check import fp32_training, torch_default_backends  # noqa: E402  (the same switches as the check)

@@ -16,7 +16,8 @@ import time
 
 import torch
 
-from energyat import data, fidelity
+from energyat.evaluation import fidelity
+from energyat.science import data
 
 
 def pick(x: torch.Tensor, n: int, seed: int) -> torch.Tensor:

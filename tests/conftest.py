@@ -1,12 +1,12 @@
 """Shared fixtures: a tiny synthetic image task and a small CNN trained on it in a second or two."""
 from __future__ import annotations
 
-import energyat  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch loads)
 import pytest
 import torch
 import torch.nn.functional as F
 
-from energyat.models import Normalized, SmallCNN, init_lazy
+import energyat  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch loads)
+from energyat.science.models import Normalized, SmallCNN, init_lazy
 
 
 def make_task(n: int = 512, classes: int = 4, size: int = 16, seed: int = 0):

@@ -12,7 +12,6 @@ import socket
 import traceback
 
 import torch
-
 import torch.multiprocessing as mp
 
 
@@ -26,7 +25,7 @@ def _entry(rank: int, world: int, port: int, fn, args, queue) -> None:
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                        "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     try:
-        import energyat.distributed as D
+        import energyat.infra.distributed as D
 
         D.init("cpu", timeout_s=120)
         out = fn(*args)
@@ -38,7 +37,7 @@ def _entry(rank: int, world: int, port: int, fn, args, queue) -> None:
     except BaseException:  # noqa: BLE001 - the parent reports it
         queue.put((rank, False, traceback.format_exc()))
     finally:
-        import energyat.distributed as D
+        import energyat.infra.distributed as D
 
         D.shutdown()
 

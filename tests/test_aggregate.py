@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import yaml
 from scipy import stats as sps
-
-from energyat import aggregate, cli, co_study
-from energyat.errors import UserError
-from energyat.stages import aggregate as stage
-
 from test_pipeline import BIN, COPY_IGNORE, ROOT, dvc, synthetic_tarball, tiny_params
+
+from energyat import cli
+from energyat.commands import aggregate as stage
+from energyat.errors import UserError
+from energyat.studies import co_study, seeds
 
 T975_2 = 4.302652729749464  # Student t, 97.5 % quantile, 2 degrees of freedom (3 seeds)
 T975_1 = 12.706204736174707  # 1 degree of freedom (2 seeds)
@@ -73,7 +73,7 @@ def test_experiments_keep_finished_ones_with_metrics_and_note_the_rest():
         exp("busy", "5" * 40, params(4), {}, state="running"),
         exp("empty", "6" * 40, params(5), {}),
     ])
-    found, notes = aggregate.experiments(rows, head="a" * 40)
+    found, notes = seeds.experiments(rows, head="a" * 40)
     assert [(e.name, e.seed, e.baseline[:1]) for e in found] == [("s0", 0, "a"), ("s1", 1, "a")]
     assert found[0].metrics == {"metrics/train/fgsm.base.json": train_metrics(0.5)["metrics/train/fgsm.base.json"]}
     assert notes == ["bad: skipped (failed)", "later: skipped (queued)", "busy: skipped (running)",
@@ -89,13 +89,13 @@ def test_groups_are_params_except_seed_and_head_joins_as_a_seed():
         exp("e2-s1-old", "5" * 40, params(1, eps=0.2), train_metrics(0.3), ts="2026-01-01T08:00:00"),
         exp("lam2", "6" * 40, params(0, lam=2.0), train_metrics(0.7)),
     ])
-    found, _ = aggregate.experiments(rows, head="a" * 40)
-    groups, notes = aggregate.group(found)
+    found, _ = seeds.experiments(rows, head="a" * 40)
+    groups, notes = seeds.group(found)
     assert [[m.name for m in g.members] for g in groups] == [["master", "e1-s1", "e1-s2"], ["e2-s0", "e2-s1"]]
-    assert aggregate.labels(groups) == ["train.eps=0.1", "train.eps=0.2"]
+    assert seeds.labels(groups) == ["train.eps=0.1", "train.eps=0.2"]
     assert notes == ["e2-s1-old: skipped (seed 1 already pooled from e2-s1, newer)",
                      "lam2: not pooled (no other seed with the same params)"]
-    singles, _ = aggregate.group(found, min_members=1)
+    singles, _ = seeds.group(found, min_members=1)
     assert [len(g.members) for g in singles] == [3, 2, 1]
 
 
@@ -103,23 +103,23 @@ def test_execution_settings_pool_but_another_device_type_does_not():
     def with_execution(seed, **kw):
         return {**params(seed), **kw}
 
-    found, _ = aggregate.experiments(show(experiments=[
+    found, _ = seeds.experiments(show(experiments=[
         exp("gpu0", "1" * 40, with_execution(0, device="cuda:0", threads=8), train_metrics(0.5)),
         exp("gpu1", "2" * 40, with_execution(1, device="cuda:1", distributed={"nproc": 1, "eval_nproc": 2}, cuda_graphs=False),
             train_metrics(0.6)),
         exp("cpu", "3" * 40, with_execution(2, device="cpu"), train_metrics(0.7)),
         exp("gpu2", "4" * 40, with_execution(2, device="cuda:0", cuda_graphs=True), train_metrics(0.8)),
     ]), head=None)
-    assert [e.name for e in aggregate.pool(aggregate.select(found, ["gpu0", "gpu1", "gpu2"])).members] == [
+    assert [e.name for e in seeds.pool(seeds.select(found, ["gpu0", "gpu1", "gpu2"])).members] == [
         "gpu0", "gpu1", "gpu2"]
     with pytest.raises(UserError, match=r"params other than seed differ \(device\)$"):
-        aggregate.pool(aggregate.select(found, ["gpu0", "cpu"]))
+        seeds.pool(seeds.select(found, ["gpu0", "cpu"]))
 
 
 def test_device_auto_never_pools_with_an_explicit_device():
     """auto ran on the CPU (fp32) or CUDA (bf16), and nothing an experiment records says which: it never pools with
     cpu or cuda, and says why (an experiment without the param counts as auto, its default)."""
-    found, _ = aggregate.experiments(show(experiments=[
+    found, _ = seeds.experiments(show(experiments=[
         exp("auto0", "1" * 40, {**params(0), "device": "auto"}, train_metrics(0.5)),
         exp("auto1", "2" * 40, {**params(1), "device": "auto"}, train_metrics(0.6)),
         exp("cpu2", "3" * 40, {**params(2), "device": "cpu"}, train_metrics(0.7)),
@@ -127,76 +127,76 @@ def test_device_auto_never_pools_with_an_explicit_device():
         exp("gpu4", "5" * 40, {**params(4), "device": "cuda:1"}, train_metrics(0.9)),
         exp("unset5", "6" * 40, params(5), train_metrics(0.4)),
     ]), head=None)
-    groups, notes = aggregate.group(found)
+    groups, notes = seeds.group(found)
     assert [[m.name for m in g.members] for g in groups] == [["auto0", "auto1"], ["cpu2", "cpu3"]]
     assert notes[-1] == ("auto0, auto1, unset5 (device auto) and cpu2, cpu3, gpu4 (device cpu, cuda) do not pool: auto "
                          "ran on the CPU (fp32) or CUDA (bf16 autocast), and no params or metrics file records which")
     for names, explicit in ((["auto0", "cpu2"], "cpu"), (["gpu4", "auto1"], "cuda"), (["unset5", "cpu3"], "cpu")):
         line = rf"^refusing to pool: \S+ \(device auto\) and \S+ \(device {explicit}\) do not pool: auto ran on"
         with pytest.raises(UserError, match=line):
-            aggregate.pool(aggregate.select(found, names))
-    assert [e.name for e in aggregate.pool(aggregate.select(found, ["auto0", "auto1"])).members] == ["auto0", "auto1"]
+            seeds.pool(seeds.select(found, names))
+    assert [e.name for e in seeds.pool(seeds.select(found, ["auto0", "auto1"])).members] == ["auto0", "auto1"]
 
 
 def test_a_data_source_pools_by_its_normalised_path():
     def with_source(seed, source):
         return {**params(seed), "data": {"dataset": "image-folder", "source": source}}
 
-    found, _ = aggregate.experiments(show(experiments=[
+    found, _ = seeds.experiments(show(experiments=[
         exp("old", "1" * 40, with_source(0, "/work/shared/datasets/c.tar.gz"), train_metrics(0.5)),
         exp("new", "2" * 40, with_source(1, "/work/main/../shared//datasets/./c.tar.gz"), train_metrics(0.6)),
         exp("other", "3" * 40, with_source(2, "/work/shared/datasets/d.tar.gz"), train_metrics(0.7)),
     ]), head=None)
-    assert [e.name for e in aggregate.pool(aggregate.select(found, ["old", "new"])).members] == ["old", "new"]
+    assert [e.name for e in seeds.pool(seeds.select(found, ["old", "new"])).members] == ["old", "new"]
     with pytest.raises(UserError, match=r"params other than seed differ \(data.source\)$"):
-        aggregate.pool(aggregate.select(found, ["old", "other"]))
+        seeds.pool(seeds.select(found, ["old", "other"]))
 
 
 def test_pool_refuses_experiments_whose_other_params_differ():
-    found, _ = aggregate.experiments(show(experiments=[
+    found, _ = seeds.experiments(show(experiments=[
         exp("a", "1" * 40, params(0), train_metrics(0.5)),
         exp("b", "2" * 40, params(1, eps=0.2, lam=3.0), train_metrics(0.6)),
         exp("c", "3" * 40, params(1), train_metrics(0.7)),
     ]), head=None)
     with pytest.raises(UserError) as err:
-        aggregate.pool(aggregate.select(found, ["a", "b"]))
+        seeds.pool(seeds.select(found, ["a", "b"]))
     assert str(err.value) == "refusing to pool a, b: params other than seed differ (der.lambda, train.eps)"
     with pytest.raises(UserError, match="^refusing to pool b, c: same seed 1$"):
-        aggregate.pool([found[1], dataclasses.replace(found[2], params=found[1].params)])
-    assert [e.name for e in aggregate.pool(aggregate.select(found, ["[ac]"])).members] == ["a", "c"]
-    assert [e.name for e in aggregate.select(found, ["3333"])] == ["c"]
+        seeds.pool([found[1], dataclasses.replace(found[2], params=found[1].params)])
+    assert [e.name for e in seeds.pool(seeds.select(found, ["[ac]"])).members] == ["a", "c"]
+    assert [e.name for e in seeds.select(found, ["3333"])] == ["c"]
     with pytest.raises(UserError, match="^nope: no finished experiment with metrics matches"):
-        aggregate.select(found, ["nope"])
+        seeds.select(found, ["nope"])
 
 
 # ------------------------------------------------------------------------------------------------ intervals
 
 def test_seed_statistics_are_mean_sample_std_and_t_interval():
-    s = aggregate.summarize([0.5, 0.6, 0.7])
+    s = seeds.summarize([0.5, 0.6, 0.7])
     half = T975_2 * 0.1 / math.sqrt(3)
     assert s["n"] == 3 and s["mean"] == pytest.approx(0.6, abs=1e-12) and s["std"] == pytest.approx(0.1, abs=1e-12)
     assert (s["lo"], s["hi"]) == (pytest.approx(0.6 - half, abs=1e-9), pytest.approx(0.6 + half, abs=1e-9))
     assert (round(s["lo"], 5), round(s["hi"], 5)) == (0.35159, 0.84841)
-    two = aggregate.summarize([1, None, 3])  # a seed without the key: n = 2
+    two = seeds.summarize([1, None, 3])  # a seed without the key: n = 2
     assert (two["n"], two["mean"], two["std"], two["values"]) == (2, 2.0, pytest.approx(math.sqrt(2)), [1.0, None, 3.0])
     assert two["hi"] == pytest.approx(2 + T975_1 * math.sqrt(2) / math.sqrt(2))
-    assert aggregate.summarize([True, False, True]) == {"n": 3, "true": 2, "values": [True, False, True]}
-    one = aggregate.summarize([0.25, None])
+    assert seeds.summarize([True, False, True]) == {"n": 3, "true": 2, "values": [True, False, True]}
+    one = seeds.summarize([0.25, None])
     assert (one["mean"], one["std"], one["lo"]) == (0.25, None, None)  # strict JSON: no NaN
-    assert aggregate.summarize(["not computed"]) is None
+    assert seeds.summarize(["not computed"]) is None
 
 
 def test_report_and_markdown_of_a_group():
-    found, _ = aggregate.experiments(show(experiments=[
+    found, _ = seeds.experiments(show(experiments=[
         exp(f"s{i}", str(i + 1) * 40, params(i), train_metrics(v, diverged=i == 2))
         for i, v in enumerate((0.5, 0.6, 0.7))
     ]), head=None)
-    groups, _ = aggregate.group(found)
-    rep = aggregate.report(groups, {})
+    groups, _ = seeds.group(found)
+    rep = seeds.report(groups, {})
     g = rep["groups"][0]
     assert (g["label"], g["seeds"], g["robust_overfitting"]) == ("", [0, 1, 2], {})
     assert g["metrics"]["metrics/train/fgsm.base.json"]["epochs"]["std"] == 0.0
-    md = aggregate.markdown(rep)
+    md = seeds.markdown(rep)
     assert "| final_val_pgd_acc | 0.6 ± 0.1 | [0.3516, 0.8484] | 3 | 0.5 | 0.6 | 0.7 |" in md
     assert "| diverged | 1/3 true | | 3 | False | False | True |" in md
     assert "(2 of 4 keys shown)" in md  # epochs and co_at_end equal in every seed; method is text
@@ -211,9 +211,9 @@ def test_markdown_reads_the_stage_files_when_summary_is_the_baselines():
                    {**train_metrics(v), "metrics/summary.json": {"co.fgsm.base.clean_acc": summary[i]}})
     for summary, shown, hidden in (((0.7, 0.7), "metrics/train/fgsm.base.json", "metrics/summary.json"),
                                    ((0.7, 0.8), "metrics/summary.json", "metrics/train/fgsm.base.json")):
-        found, _ = aggregate.experiments(show(experiments=[seed_row(i, v, summary) for i, v in enumerate((0.5, 0.6))]),
+        found, _ = seeds.experiments(show(experiments=[seed_row(i, v, summary) for i, v in enumerate((0.5, 0.6))]),
                                          head=None)
-        md = aggregate.markdown(aggregate.report(aggregate.group(found)[0], {}))
+        md = seeds.markdown(seeds.report(seeds.group(found)[0], {}))
         assert f"`{shown}` (1 of " in md and f"`{hidden}`" not in md
 
 
@@ -231,12 +231,12 @@ def test_robust_overfitting_gap_and_der_gain_paired_over_seeds():
     rows = [exp(f"ro-s{i}", str(i + 1) * 40, params(i, runs=runs),
                 {"metrics/eval/pgd.base.json": ro_eval(*base[i]), "metrics/eval/pgd.der.json": ro_eval(*der[i])})
             for i in range(3)]
-    found, _ = aggregate.experiments(show(experiments=rows), head=None)
-    groups, _ = aggregate.group(found)
+    found, _ = seeds.experiments(show(experiments=rows), head=None)
+    groups, _ = seeds.group(found)
     # seed 0's flags: base best beats last on 5 images and loses on none (McNemar 2 * 0.5^5); DER gains 3 images
     flags = {("1" * 40, "pgd", "base"): {"best.pgd50": "1111100000", "last.pgd50": "0000000000"},
              ("1" * 40, "pgd", "der"): {"last.pgd50": "1110000000"}}
-    ro = aggregate.robust_overfitting(groups[0], flags)["pgd"]
+    ro = seeds.robust_overfitting(groups[0], flags)["pgd"]
     assert ro["pgd"] == "pgd50_acc" and ro["method"] == "pgd"
     gap = ro["gap"]["base"]  # 0.04, 0.06, 0.05
     assert gap["values"] == pytest.approx([0.04, 0.06, 0.05]) and gap["mean"] == pytest.approx(0.05)
@@ -257,7 +257,7 @@ def test_robust_overfitting_gap_and_der_gain_paired_over_seeds():
         (pytest.approx(5 * gap["paired_t_p"]), pytest.approx(4 * p_der), pytest.approx(4 * p_der))
     assert gain["paired_t_p_holm"] == pytest.approx(4 * p_der)
     assert ro["der_gain_last"]["clean_acc"]["paired_t_p_holm"] == pytest.approx(2 * sps.t.sf(0.5, 2))
-    md = aggregate.markdown(aggregate.report(groups, flags))
+    md = seeds.markdown(seeds.report(groups, flags))
     assert "| best − last PGD-50, base | +5.0 ± 1.0 | [+2.5, +7.5] | 0.013 (Holm 0.065) | 0.062, –, – |" in md
     assert "| last.pgd50_acc | 0.45 ± 0.01732 | [0.407, 0.493] | 3 | 0.46 | 0.46 | 0.43 |" in md
     assert "| last.pgd50_acc_lo |" not in md  # Wilson bounds of one seed: in the JSON only
@@ -277,8 +277,8 @@ def test_robust_overfitting_reports_the_worst_case_and_the_paired_attack_check()
                 {"metrics/eval/pgd.base.json": ev(0.50, 0.46, 0.45, 0.42, 2),
                  "metrics/eval/pgd.der.json": ev(0.52, 0.50, 0.44 + 0.01 * i, 0.43 + 0.01 * i, 12)})
             for i in range(3)]
-    groups, _ = aggregate.group(aggregate.experiments(show(experiments=rows), head=None)[0])
-    rep = aggregate.report(groups, {})
+    groups, _ = seeds.group(seeds.experiments(show(experiments=rows), head=None)[0])
+    rep = seeds.report(groups, {})
     ro = rep["groups"][0]["robust_overfitting"]["pgd"]
     assert ro["gap_worst"]["base"]["values"] == pytest.approx([0.03] * 3)
     assert ro["der_gain_last"]["worst_acc"]["values"] == pytest.approx([0.01, 0.02, 0.03])
@@ -289,7 +289,7 @@ def test_robust_overfitting_reports_the_worst_case_and_the_paired_attack_check()
     assert all(r["paired_t_p_holm"] >= r["paired_t_p"] for r in held)
     gain = ro["der_gain_last"]["worst_acc"]  # +1, +2, +3 points: t = 2 / (1 / sqrt 3)
     assert gain["paired_t_p"] == pytest.approx(2 * sps.t.sf(2 * math.sqrt(3), 2))
-    md = aggregate.markdown(rep)
+    md = seeds.markdown(rep)
     assert "| DER gain, last checkpoint, worst case | +2.0 ± 1.0 | [-0.5, +4.5] |" in md
     assert "| + DER, last | 12 / 0 of 1000 (p < 0.001) | 12 / 0 of 1000 (p < 0.001) | 12 / 0 of 1000 (p < 0.001) |" in md
     assert "| base, best | 2 / 0 of 1000 (p 0.250) |" in md
@@ -303,24 +303,24 @@ def test_paired_t_without_spread_is_not_computable():
     rows = [exp(f"ro-s{i}", str(i + 1) * 40, params(i, runs=runs),
                 {"metrics/eval/pgd.base.json": ro_eval(*base[i]), "metrics/eval/pgd.der.json": ro_eval(*der[i])})
             for i in range(3)]
-    groups, _ = aggregate.group(aggregate.experiments(show(experiments=rows), head=None)[0])
-    rep = aggregate.report(groups, {})
+    groups, _ = seeds.group(seeds.experiments(show(experiments=rows), head=None)[0])
+    rep = seeds.report(groups, {})
     ro = rep["groups"][0]["robust_overfitting"]["pgd"]
     assert (ro["gap"]["base"]["paired_t_p"], ro["gap"]["base"]["paired_t_p_holm"]) == (None, None)
     # the family is the 4 others: gap change (-0.02, -0.02, -0.03: t = -7) × 4, then gap DER (t = 5) × 3
     assert ro["gap_change"]["paired_t_p_holm"] == pytest.approx(4 * 2 * sps.t.sf(7, 2))
     assert ro["gap"]["der"]["paired_t_p_holm"] == pytest.approx(3 * 2 * sps.t.sf(5, 2))
-    md = aggregate.markdown(rep)
+    md = seeds.markdown(rep)
     assert "| best − last PGD-50, base | +4.0 ± 0.0 | [+4.0, +4.0] | n/a | –, –, – |" in md
     json.dumps(rep, allow_nan=False)
 
 
 def test_flag_vector_reads_the_evaluate_flags_format():
     flags = {"format": "energyat-flags/1", "n": 3, "last.aa": "011", "last.pgd50": "", "best.clean": "0a1"}
-    assert aggregate.flag_vector(flags, "last", "aa_acc") == [False, True, True]
-    assert aggregate.flag_vector(flags, "last", "pgd50_acc") is None
-    assert aggregate.flag_vector(flags, "best", "clean_acc") is None
-    assert aggregate.flag_vector(None, "last", "aa_acc") is None
+    assert seeds.flag_vector(flags, "last", "aa_acc") == [False, True, True]
+    assert seeds.flag_vector(flags, "last", "pgd50_acc") is None
+    assert seeds.flag_vector(flags, "best", "clean_acc") is None
+    assert seeds.flag_vector(None, "last", "aa_acc") is None
 
 
 # -------------------------------------------------------------------------------------------------- CO study
@@ -355,8 +355,8 @@ def test_co_study_table_rows_methods_columns_eps():
             ("fgsm-start-batch", "der"): (0.75, 0.25, 0.24, False)}))
     rows.append(study_experiment(0.1, 0, {("fgsm", "base"): (0.85, 0.60, 0.58, False),
                                           ("fgsm", "der"): (0.84, 0.61, 0.59, False)}))
-    found, _ = aggregate.experiments(show(experiments=rows), head=None)
-    groups, _ = aggregate.group(found, min_members=1)
+    found, _ = seeds.experiments(show(experiments=rows), head=None)
+    groups, _ = seeds.group(found, min_members=1)
     st = co_study.study(groups)
     (s,) = st["settings"]
     assert s["eps"] == [0.1, 0.3] and s["pgd"] == "pgd50_acc" and s["label"] == ""
@@ -389,8 +389,8 @@ def test_co_study_ignores_files_an_experiment_kept_from_its_base_commit():
                "metrics/train/fgsm.base.json": {**stale_tr, "eps": 0.3, "method": "fgsm"},
                "metrics/eval/fgsm.der.json": {**stale_ev, "eps": 0.1, "method": "fgsm"},
                "metrics/train/fgsm.der.json": {**stale_tr, "eps": 0.1, "method": "fgsm"}}
-    found, _ = aggregate.experiments(show(experiments=[exp("partial", "7" * 40, p, metrics)]), head=None)
-    (s,) = co_study.study(aggregate.group(found, min_members=1)[0])["settings"]
+    found, _ = seeds.experiments(show(experiments=[exp("partial", "7" * 40, p, metrics)]), head=None)
+    (s,) = co_study.study(seeds.group(found, min_members=1)[0])["settings"]
     assert [(c["label"], c["stats"]["pgd50_acc"]["mean"]) for c in s["cells"]] == [("N-FGSM", pytest.approx(0.3))]
 
 
@@ -405,13 +405,13 @@ def test_co_study_takes_each_cell_from_the_newest_experiment_of_the_seed_that_ra
                 ts="2026-01-01T10:00:00")
     stale_fgsm = {"metrics/eval/fgsm.base.json": {"last.pgd50_acc": 0.9, "eps": 0.1, "method": "fgsm"}}
     late = exp("late", "5" * 40, p, {**cell("n-fgsm", "base", 0.3), **stale_fgsm}, ts="2026-01-01T11:00:00")
-    found, _ = aggregate.experiments(show(experiments=[early, late]), head=None)
-    groups, notes = aggregate.group(found, min_members=1, keep_older=True)
+    found, _ = seeds.experiments(show(experiments=[early, late]), head=None)
+    groups, notes = seeds.group(found, min_members=1, keep_older=True)
     assert notes == ["early: fills only what late (seed 0, newer) lacks"]
     (s,) = co_study.study(groups)["settings"]
     got = {c["label"]: (c["seeds"][0]["name"], c["stats"]["pgd50_acc"]["mean"]) for c in s["cells"]}
     assert got == {"FGSM": ("early", pytest.approx(0.0)), "N-FGSM": ("late", pytest.approx(0.3))}
-    assert aggregate.group(found, min_members=1)[0][0].older == ()  # the seeds report keeps one per seed
+    assert seeds.group(found, min_members=1)[0][0].older == ()  # the seeds report keeps one per seed
 
 
 def test_co_study_settings_and_eps_labels():
@@ -419,8 +419,8 @@ def test_co_study_settings_and_eps_labels():
     cifar = {**params(0, eps="8/255", runs=STUDY_RUNS), "data": {"dataset": "cifar10"}}
     rows = [study_experiment(0.1, 0, {("fgsm", "base"): (0.8, 0.5, 0.5, False)}),
             exp("cifar", "9" * 40, cifar, {"metrics/train/fgsm.base.json": {"co_at_end": True, "diverged": False}})]
-    found, _ = aggregate.experiments(show(experiments=rows), head=None)
-    st = co_study.study(aggregate.group(found, min_members=1)[0])
+    found, _ = seeds.experiments(show(experiments=rows), head=None)
+    st = co_study.study(seeds.group(found, min_members=1)[0])
     assert [(s["label"], s["eps"], s["pgd"], s["rows"]) for s in st["settings"]] == [
         ("data.dataset=null", [0.1], "pgd50_acc", ["FGSM"]), ('data.dataset="cifar10"', [8 / 255], None, ["FGSM"])]
     md = co_study.markdown(st)

@@ -9,10 +9,10 @@ import torch
 from multiproc import run_ranks
 from test_robustness import prepared, save_run, trained_small_cnn, write_prepared
 
-from energyat import analysis
-from energyat.energy import cross_entropy
 from energyat.errors import UserError
+from energyat.evaluation import analysis
 from energyat.params import AnalyzeCfg, parse
+from energyat.science.energy import cross_entropy
 from energyat.stages import analyze
 
 SMALL = AnalyzeCfg(n_examples=32, batch_size=64, steps=5, aa_iter=10, target_classes=2, square_queries=50, bins=20)

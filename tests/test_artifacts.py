@@ -9,16 +9,24 @@ import tempfile
 import pytest
 import torch
 import yaml
-
-from energyat import artifacts, checkpoint, cli
-from energyat import params as P
-from energyat.artifacts import (digest, load_sealed, remove_temporaries, save_sealed, save_torch, write_bytes,
-                                write_text)
-from energyat.errors import UserError
-from energyat.stages import train as train_stage
-
 from conftest import make_task, tiny_model
 from test_train import as_split
+
+from energyat import cli
+from energyat import params as P
+from energyat.errors import UserError
+from energyat.infra import artifacts
+from energyat.infra.artifacts import (
+    digest,
+    load_sealed,
+    remove_temporaries,
+    save_sealed,
+    save_torch,
+    write_bytes,
+    write_text,
+)
+from energyat.runstate import checkpoint
+from energyat.stages import train as train_stage
 
 
 def test_a_write_is_synced_to_disk_before_its_rename_and_the_directory_after(tmp_path, monkeypatch):

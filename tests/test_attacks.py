@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from energyat.attacks import ATTACKS, Threat, default_alpha, pgd_attack
+from energyat.science.attacks import ATTACKS, Threat, default_alpha, pgd_attack
 
 
 def accuracy(model, x, y):

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from energyat import params as P
-from energyat.methods import METHODS
-from energyat.models import Normalized, PreActResNet
-from energyat.stages.bench import Ours, Precision, Reference, batch_for, below_target, compare
-from energyat.train import SUMS
+from energyat.commands.bench import Ours, Precision, Reference, batch_for, below_target, compare
+from energyat.science.methods import METHODS
+from energyat.science.models import Normalized, PreActResNet
+from energyat.science.training import SUMS
 
 CPU = torch.device("cpu")
 GEOMETRY = (1, 16, 4)  # channels, size, classes

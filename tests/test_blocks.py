@@ -10,10 +10,12 @@ import pytest
 import yaml
 from PIL import Image
 
-from energyat import cli, headline, paper_blocks, paper_report
+from energyat import cli
 from energyat import params as P
-from energyat.methods import METHODS
+from energyat.reporting import headline
+from energyat.science.methods import METHODS
 from energyat.stages import paper_report as paper_report_stage
+from energyat.studies import paper_blocks, paper_page
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = yaml.safe_load((ROOT / "presets/paper.yaml").read_text())
@@ -44,7 +46,7 @@ def test_co_blocks_follow_the_fast_at_recipe():
 
 
 def test_ro_block_switches_der_on_at_the_first_lr_drop():
-    from energyat.train import learning_rate
+    from energyat.science.training import learning_rate
 
     rc = P.parse(paper_blocks.params_for(PRESET, "ro", "/x", seed=0)).variant_run("pgd", "der")
     first_drop = next(e for e in range(1, 31) if learning_rate(rc.train, e - 0.5) < rc.train.lr_max)
@@ -104,9 +106,9 @@ def test_block_runner_deadline_resume_evidence_and_page(tmp_path, monkeypatch, c
     # the results page and headline metrics from the evidence alone
     evidence = paper_report_stage.read_evidence(tmp_path / "out")
     assert set(evidence["co16-fgsm"][0]["jobs"]) == {"fgsm.base", "fgsm.der"}
-    page = paper_report.page(evidence)
+    page = paper_page.page(evidence)
     assert "### `co16-fgsm`" in page and "| fgsm | 0 |" in page and "`ro` (~" in page
-    diffs = paper_report.comparisons(evidence)
+    diffs = paper_page.comparisons(evidence)
     assert {d["metric"] for d in diffs} == {"clean", "pgd50", "aa", "worst"} and all(0 <= d["p_holm"] <= 1 for d in diffs)
     rows = headline.from_paper(evidence)
     assert set(rows) == {"co16-fgsm.fgsm.base.seed0", "co16-fgsm.fgsm.der.seed0"}
@@ -132,19 +134,19 @@ def test_verdict_counts_collapsing_runs_and_their_der_twins():
 
     kept = {"co16-fgsm": {0: {"block": {}, "jobs": {"fgsm.base": job(True, 2), "fgsm.der": job(False, None)}},
                           1: {"block": {}, "jobs": {"fgsm.base": job(True, 3), "fgsm.der": job(True, 30)}}}}
-    assert paper_report.co_verdict(kept).startswith("mixed: DER's model is free of CO at the end of training in 1 of 2")
+    assert paper_page.co_verdict(kept).startswith("mixed: DER's model is free of CO at the end of training in 1 of 2")
     chance = job(False, None)
     chance["flags"] = {"last.clean": "1" + "0" * 9, "last.pgd50": "1" + "0" * 9}  # 10 % clean: nothing learned
     at_chance = {"co16-fgsm": {0: {"block": {}, "jobs": {"fgsm.base": job(True, 2), "fgsm.der": chance}}}}
-    assert paper_report.co_verdict(at_chance).startswith("not supported: DER's model is free of CO at the end of "
+    assert paper_page.co_verdict(at_chance).startswith("not supported: DER's model is free of CO at the end of "
                                                          "training in 0 of 1")
-    assert "DER at chance" in paper_report.co_verdict(at_chance)
-    verdict = paper_report.lambda_verdict(at_chance)
+    assert "DER at chance" in paper_page.co_verdict(at_chance)
+    verdict = paper_page.lambda_verdict(at_chance)
     assert verdict.startswith("λ 1: at chance") and "10.0 [1.8, 40.4] (10)" in verdict
     assert verdict.endswith("not run yet: λ 0.1, 0.5, 6")
     del kept["co16-fgsm"][0]
-    assert paper_report.co_verdict(kept).startswith("not supported")
+    assert paper_page.co_verdict(kept).startswith("not supported")
     check = {"last.check.pgd_missed": 41, "last.check.apgd_missed": 0, "last.check.p": 4.547e-13}
-    assert paper_report.check_cell({"eval": check}) == "41 / 0 (p < 0.001)"
-    assert paper_report.check_cell({"eval": {}}) == "–"
-    assert paper_report.co_verdict({}).startswith("unresolved")
+    assert paper_page.check_cell({"eval": check}) == "41 / 0 (p < 0.001)"
+    assert paper_page.check_cell({"eval": {}}) == "–"
+    assert paper_page.co_verdict({}).startswith("unresolved")

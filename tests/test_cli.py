@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from energyat import artifacts, cli
+from energyat import cli
+from energyat.infra import artifacts
 from energyat.stages.train import _eta, _fmt
 
 ROOT = Path(__file__).resolve().parents[1]

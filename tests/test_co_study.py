@@ -1,7 +1,9 @@
 """The CO study's DER − base differences over seeds: paired, Holm-adjusted, with per-seed McNemar p."""
 import pytest
 
-from energyat import co_study
+from energyat.studies import co_study
+
+
 def _cell(run, variant, values, eps=0.3):
     seeds = [{"seed": i, "rev": f"{run}{variant}{i}", "pgd50_acc": v, "clean_acc": 0.7} for i, v in enumerate(values)]
     return {"run": run, "variant": variant, "eps": eps, "label": f"{run} {variant}", "seeds": seeds}

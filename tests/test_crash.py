@@ -20,12 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_pipeline import ROOT, synthetic_tarball
 
 from energyat import cli
+from energyat.science.training import Trainer
 from energyat.stages.train import state_path
-from energyat.train import Trainer
-
-from test_pipeline import ROOT, synthetic_tarball
 
 RUN, VARIANT, EPOCHS = "crash", "der", 6
 OUT = Path("models") / VARIANT / RUN

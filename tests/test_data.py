@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from energyat import data
 from energyat.errors import UserError
 from energyat.params import DataCfg, Params
+from energyat.science import data
 from energyat.stages import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -317,7 +317,7 @@ def test_batches_and_to_float():
 # ------------------------------------------------------------------------------------------------ augmentation
 
 def test_augmentation_draws_are_uniform_shifts_and_fair_flips_and_deterministic():
-    from energyat.data import draw_augmentation
+    from energyat.science.data import draw_augmentation
 
     n = 90_000
     aug = draw_augmentation(n, "crop-flip", torch.Generator().manual_seed(0), "cpu")
@@ -335,7 +335,7 @@ def test_augmentation_draws_are_uniform_shifts_and_fair_flips_and_deterministic(
 
 
 def test_augment_is_a_padded_crop_then_a_flip():
-    from energyat.data import Augmentation, augment
+    from energyat.science.data import Augmentation, augment
 
     x = torch.arange(2 * 3 * 6 * 6, dtype=torch.uint8).view(2, 3, 6, 6)
     aug = Augmentation(torch.tensor([-2, 1]), torch.tensor([3, 0]), torch.tensor([False, True]))

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_task
 
 from energyat import params as P
-from energyat.data import Split
+from energyat.science.data import Split
+from energyat.science.training import Trainer
 from energyat.stages import train as train_stage
-from energyat.train import Trainer
-
-from conftest import make_task
 
 RUN, EPOCHS, START = "t", 4, 3  # DER from epoch 3: the base run's state after epoch 2 is the fork point
 STEPS_PER_EPOCH = 4  # 128 training images, batches of 32

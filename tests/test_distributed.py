@@ -12,15 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-from energyat import distributed
-from energyat import params as P
-from energyat.data import Split
-from energyat.train import fit
-
 from conftest import make_task, tiny_model
 from multiproc import run_ranks
 from test_pipeline import synthetic_tarball
+
+from energyat import params as P
+from energyat.infra import distributed
+from energyat.science.data import Split
+from energyat.science.training import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = {  # method, DER settings: the paths with collectives inside the step (AAE counts) and double backprop

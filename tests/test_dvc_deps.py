@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from energyat import imports
 from energyat.cli import STAGES
+from energyat.infra import imports
 
 ROOT = Path(__file__).resolve().parents[1]
 CMD = re.compile(r"^python -m energyat (?:--nproc \S+ )?([\w-]+)")

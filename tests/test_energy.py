@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from energyat import energy as E
+from energyat.science import energy as E
 
 
 def test_marginal_and_joint_energy_by_hand():

@@ -14,8 +14,11 @@ import torch.nn.functional as F
 import torch_fidelity
 from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
 
-from energyat import checkpoint, data, fidelity, params
+from energyat import params
 from energyat.errors import UserError
+from energyat.evaluation import fidelity
+from energyat.runstate import checkpoint
+from energyat.science import data
 
 META = {"arch": "small-cnn", "dataset": "synthetic", "num_classes": 4, "channels": 1, "size": 16,
         "mean": [0.5], "std": [0.25], "run": "standard", "variant": "base", "method": "standard", "eps": 0.0}

@@ -1,8 +1,8 @@
 """Headline rows: what `dvc metrics show` prints, one row per model, comparison, sampler, study cell or paper job."""
 import json
 
-from energyat import headline
-from energyat.stages import headline as headline_files
+from energyat.infra.artifacts import write_rows
+from energyat.reporting import headline
 
 SUMMARY = {
     "n_examples": 1000, "co.fgsm.eps": 0.3,
@@ -74,8 +74,8 @@ def test_study_rows_hold_means_over_seeds_and_the_ro_differences_with_holm_p():
 
 
 def test_writing_rows_replaces_the_rows_of_an_earlier_run(tmp_path):
-    headline_files.write(tmp_path, {"a.base.last": {"clean": 0.5}, "b.base.last": {"clean": 0.6}})
+    write_rows(tmp_path, {"a.base.last": {"clean": 0.5}, "b.base.last": {"clean": 0.6}})
     (tmp_path / "notes.txt").write_text("kept")
-    headline_files.write(tmp_path, {"a.base.last": {"clean": 0.7}})
+    write_rows(tmp_path, {"a.base.last": {"clean": 0.7}})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.base.last.json", "notes.txt"]
     assert json.loads((tmp_path / "a.base.last.json").read_text()) == {"clean": 0.7}

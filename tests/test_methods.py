@@ -8,15 +8,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_task, tiny_model
 from torch import nn
 
-from energyat import energy as E
 from energyat import params as P
-from energyat.attacks import ATTACKS, Threat, single_step, trades_attack, uniform_noise
-from energyat.methods import METHODS, bn_stats_frozen, gradalign_cosines
-from energyat.train import Objective
-
-from conftest import make_task, tiny_model
+from energyat.science import energy as E
+from energyat.science.attacks import ATTACKS, Threat, single_step, trades_attack, uniform_noise
+from energyat.science.methods import METHODS, bn_stats_frozen, gradalign_cosines
+from energyat.science.training import Objective
 
 
 def run_cfg(method: str, **over) -> P.RunCfg:
@@ -239,8 +238,8 @@ def test_bn_stats_frozen_keeps_running_statistics_bit_identical():
 def test_diagnostics_do_not_change_training_of_a_batchnorm_model(method):
     """A base run with the energy diagnostics on every batch trains bit-identical weights and running statistics
     to the same run without them."""
-    from energyat.data import Split
-    from energyat.train import fit
+    from energyat.science.data import Split
+    from energyat.science.training import fit
 
     x, y = make_task(n=96, classes=4, size=16, seed=5)
     split = Split((x * 255).round().to(torch.uint8), y)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import yaml
 
-from energyat import headline
+from energyat.reporting import headline
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_ROWS = 120  # the default run's models, comparisons and samplers, the CO study's cells, the RO study, paper jobs

@@ -3,11 +3,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from energyat import checkpoint, models
-from energyat import energy as E
 from energyat.errors import UserError
-from energyat.models import MODELS, MaxPool2d
 from energyat.params import ModelCfg
+from energyat.runstate import checkpoint
+from energyat.science import energy as E
+from energyat.science import models
+from energyat.science.models import MODELS, MaxPool2d
 
 GEOMETRY = {"dataset": "synthetic", "num_classes": 10, "channels": 1, "size": 28, "mean": [0.5], "std": [0.25]}
 

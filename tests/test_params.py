@@ -179,8 +179,8 @@ def test_every_dvc_interpolation_resolves_against_every_preset(preset):
 def test_paper_preset_resolves_to_the_published_recipe():
     """What the code makes of the preset: PGD-10 with Rice et al.'s 2/255 step, DER switched on exactly at the
     first LR decay, CIFAR's crop + flip, every test image attacked."""
-    from energyat.methods import METHODS
-    from energyat.train import learning_rate
+    from energyat.science.methods import METHODS
+    from energyat.science.training import learning_rate
 
     p = P.load(ROOT / "presets/paper.yaml")
     ro = p.run("pgd")

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from energyat import cli
-from energyat.presets import overrides
+from energyat.studies.presets import overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted(p.name for p in (ROOT / "presets").glob("*.yaml"))

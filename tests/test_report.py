@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from energyat import report, stats
 from energyat.errors import UserError
+from energyat.evaluation import stats
 from energyat.params import parse
+from energyat.reporting import tables
 from energyat.stages import report as report_stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +65,7 @@ STANDARD, STANDARD_FLAGS = evaluated(0.1, best=(91, 0, 0, 0), last=(92, 0, 0, 0)
 
 
 def test_summary_keys_are_flat_and_stable():
-    s = report.summary(METHODS, EVALS, TRAINS, FLAGS, STANDARD, {"gen.pca-local.der.fid": 31.5})
+    s = tables.summary(METHODS, EVALS, TRAINS, FLAGS, STANDARD, {"gen.pca-local.der.fid": 31.5})
     # accuracies of the final checkpoint (CO) with their Wilson 95 % intervals
     assert (s["co.fgsm.der.aa_acc"], s["co.fgsm.der.aa_acc_lo"], s["co.fgsm.der.aa_acc_hi"]) == (0.4, 0.2188, 0.6134)
     assert (s["co.fgsm.base.clean_acc"], s["co.fgsm.base.clean_acc_lo"], s["co.fgsm.base.clean_acc_hi"]) == \
@@ -109,7 +110,7 @@ def test_summary_keys_are_flat_and_stable():
 
 
 def test_paired_differences_have_newcombe_intervals_around_the_difference():
-    s = report.summary(METHODS, EVALS, TRAINS, FLAGS, STANDARD)
+    s = tables.summary(METHODS, EVALS, TRAINS, FLAGS, STANDARD)
     d = stats.paired_difference([c == "1" for c in FLAGS["pgd", "base"]["last.pgd50"]],
                                 [c == "1" for c in FLAGS["pgd", "der"]["last.pgd50"]])
     assert (d["only_a"], d["only_b"]) == (0, 7)
@@ -125,13 +126,13 @@ def test_tables_format_accuracies_from_the_flag_counts_not_the_rounded_bounds():
     ev, fl = evaluated(0.3, last=(90, 1, 0, 0))
     fl["last.aa"] = "11100000000"
     ev.update({"last.aa_acc": round(3 / 11, 4), "last.aa_acc_lo": 0.0975, "last.aa_acc_hi": 0.5656})
-    acc = report.with_intervals(ev, "last", fl)
+    acc = tables.with_intervals(ev, "last", fl)
     assert stats.fmt_pct_interval(acc["aa_acc"], acc["aa_acc_lo"], acc["aa_acc_hi"]) == "27.3 [9.7, 56.6]"
-    assert report.with_intervals(ev, "last")["aa_acc_lo"] == 0.0975  # without flags: the stored value as is
+    assert tables.with_intervals(ev, "last")["aa_acc_lo"] == 0.0975  # without flags: the stored value as is
 
 
 def test_co_table_in_paper_layout_with_intervals_and_paired_differences():
-    assert report.co_table(METHODS, EVALS, FLAGS) == (
+    assert tables.co_table(METHODS, EVALS, FLAGS) == (
         "| Method | ε | Clean | PGD-50 | AA | Worst case |\n"
         "|---|---:|---:|---:|---:|---:|\n"
         "| FGSM | 0.3 | 90.0 [82.6, 94.5] | 0.0 [0.0, 3.7] | 0.0 [0.0, 16.1] | 0.0 [0.0, 8.8] |\n"
@@ -148,7 +149,7 @@ def test_co_table_in_paper_layout_with_intervals_and_paired_differences():
 
 def test_ro_table_rows_flag_autoattack_warnings_and_show_missing_cells():
     evals = {**EVALS, ("pgd", "der"): {k: v for k, v in EVALS["pgd", "der"].items() if not k.startswith("last.aa_")}}
-    table = report.ro_table({"pgd": "pgd", "trades-run": "trades"},
+    table = tables.ro_table({"pgd": "pgd", "trades-run": "trades"},
                             {**evals, ("trades-run", "base"): EVALS["pgd", "base"],
                              ("trades-run", "der"): EVALS["pgd", "der"]},
                             {**FLAGS, ("trades-run", "base"): FLAGS["pgd", "base"],
@@ -177,18 +178,18 @@ def test_ro_table_rows_flag_autoattack_warnings_and_show_missing_cells():
         "| 82.5 [68.1, 91.3] |"]
     assert len(lines) == 2 + 2 * 8 + 2 and "†: AutoAttack's own checks raised warnings" in lines[-1]
     assert "Holm-adjusted over the table's 32 Δ cells" in lines[-1]  # one family: both runs' 8 Δ rows × 4
-    assert "†" not in report.co_table(METHODS, EVALS, FLAGS)  # no CO checkpoint warned
+    assert "†" not in tables.co_table(METHODS, EVALS, FLAGS)  # no CO checkpoint warned
 
 
 def test_paired_tests_refuse_flags_of_different_images():
     other = {**FLAGS["pgd", "der"], "test_sha256": "def", "run": "pgd", "variant": "der"}
     with pytest.raises(UserError, match=r"metrics/eval/r\.v\.flags\.json and metrics/eval/pgd\.der\.flags\.json "
                                         r"cover different test images \(test_sha256 'abc' vs 'def'\)"):
-        report.summary(METHODS, EVALS, TRAINS, {**FLAGS, ("pgd", "der"): other}, STANDARD)
+        tables.summary(METHODS, EVALS, TRAINS, {**FLAGS, ("pgd", "der"): other}, STANDARD)
 
 
 def test_family_follows_the_method():
-    assert [report.family(m) for m in ("fgsm", "rs-fgsm", "n-fgsm", "gradalign", "pgd", "trades")] == \
+    assert [tables.family(m) for m in ("fgsm", "rs-fgsm", "n-fgsm", "gradalign", "pgd", "trades")] == \
         ["co"] * 4 + ["ro"] * 2
 
 
@@ -210,13 +211,13 @@ def test_report_stage_merges_score_and_writes_tables(tmp_path, monkeypatch):
         shutil.copy(ROOT / f"plots/history/{run}.tsv", tmp_path / f"plots/history/{run}.tsv")
     report_stage.run(params)
     first = json.loads((tmp_path / "metrics/summary.json").read_text())
-    assert first == report.summary(METHODS, EVALS, TRAINS, FLAGS, STANDARD)
+    assert first == tables.summary(METHODS, EVALS, TRAINS, FLAGS, STANDARD)
     (tmp_path / "metrics/score.json").write_text(json.dumps({"gen.pca-local.der.fid": 31.5}))
     report_stage.run(params)
     summary = json.loads((tmp_path / "metrics/summary.json").read_text())
     assert summary == {**first, "gen.pca-local.der.fid": 31.5}
-    assert (tmp_path / "metrics/co_table.md").read_text() == report.co_table(METHODS, EVALS, FLAGS)
-    assert (tmp_path / "metrics/ro_table.md").read_text() == report.ro_table(METHODS, EVALS, FLAGS)
+    assert (tmp_path / "metrics/co_table.md").read_text() == tables.co_table(METHODS, EVALS, FLAGS)
+    assert (tmp_path / "metrics/ro_table.md").read_text() == tables.ro_table(METHODS, EVALS, FLAGS)
     (tmp_path / "metrics/eval/pgd.der.flags.json").unlink()
     with pytest.raises(UserError, match="metrics/eval/pgd.der.flags.json: file not found"):
         report_stage.run(params)
@@ -232,7 +233,7 @@ def test_training_table_rows_flag_co_divergence_and_gap():
               ("fgsm", "der"): {"eps": 0.3, "final_val_clean_acc": 0.104, "final_val_pgd_acc": 0.104,
                                 "best_val_pgd_acc": 0.104, "best_epoch": 4, "catastrophic_overfitting": False,
                                 "co_epoch": None, "diverged": True, "diverged_epoch": 4}}
-    rows = report.training_table({"fgsm": "fgsm"}, trains).splitlines()
+    rows = tables.training_table({"fgsm": "fgsm"}, trains).splitlines()
     assert rows[2] == ("| fgsm | base | FGSM | 0.3 | 0.757 | 0.013 | 0.202 (2) | 5 | no | 0.189 (0.121) | -0.881 | -0.471 "
                        "| 0.531 (0.531) |")
     assert rows[3].startswith("| fgsm | der | FGSM | 0.3 | 0.104 | 0.104 | 0.104 (4) | no | epoch 4 | – (–) |")

@@ -15,11 +15,14 @@ import torch.nn.functional as F
 from multiproc import run_ranks
 from torch import nn
 
-from energyat import checkpoint, cli, distributed, robustness, stats
-from energyat.artifacts import sha256
-from energyat.attacks import Threat, pgd_attack
+from energyat import cli
 from energyat.errors import UserError
+from energyat.evaluation import robustness, stats
+from energyat.infra import distributed
+from energyat.infra.artifacts import sha256
 from energyat.params import ModelCfg, ParamsError, parse
+from energyat.runstate import checkpoint
+from energyat.science.attacks import Threat, pgd_attack
 from energyat.stages import evaluate
 
 EPS = 0.1

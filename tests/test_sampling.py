@@ -6,19 +6,22 @@ import json
 
 import pytest
 import torch
+from conftest import make_task
+from multiproc import run_ranks
+from test_fidelity import standin  # noqa: F401  (fixture: a stand-in for the Inception pool3 file)
 
-from energyat import checkpoint, data, distributed, fidelity, params, pca, sampling
-from energyat.artifacts import load_torch, save_torch, sha256, write_json
-from energyat.energy import joint_energy
+from energyat import params
 from energyat.errors import UserError
+from energyat.evaluation import fidelity
+from energyat.infra import distributed
+from energyat.infra.artifacts import load_torch, save_torch, sha256, write_json
+from energyat.runstate import checkpoint
+from energyat.science import class_pca, data, sampling
+from energyat.science.energy import joint_energy
 from energyat.stages import class_energy as class_energy_stage
 from energyat.stages import pca as pca_stage
 from energyat.stages import sample as sample_stage
 from energyat.stages import score as score_stage
-
-from conftest import make_task
-from multiproc import run_ranks
-from test_fidelity import standin  # noqa: F401  (fixture: a stand-in for the Inception pool3 file)
 
 CPU = torch.device("cpu")
 
@@ -201,7 +204,7 @@ def test_inits_registry_and_their_distributions():
     torch.testing.assert_close(draws[y == 1].mean(0), torch.tensor([0.7, 0.4]), atol=0.01, rtol=0)
     torch.testing.assert_close(torch.cov(draws[y == 0].T), cov, atol=4e-4, rtol=0)
     # PCA: each label draws from a fit of its own class; alpha ~ N(0, σ²) scales the singular values
-    fits = [pca.fit(torch.rand(50, 6, generator=g) * 0.2 + 0.4 + 0.1 * c, 1.0) for c in (0, 0, 1)]
+    fits = [class_pca.fit(torch.rand(50, 6, generator=g) * 0.2 + 0.4 + 0.1 * c, 1.0) for c in (0, 0, 1)]
     bank = sampling.PcaBank(fits, torch.tensor([0, 0, 1]))
     y = torch.tensor([0] * 400 + [1] * 400)
     starts = sampling.INITS["pca-local"].draw(y, bank, (1, 2, 3), 0.0, g).flatten(1)
@@ -211,7 +214,7 @@ def test_inits_registry_and_their_distributions():
     assert (dist[y == 0, 0] < 1e-6).any() and (dist[y == 0, 1] < 1e-6).any()  # both fits of class 0 in use
     sigma = 0.5
     starts = sampling.INITS["pca-global"].draw(y[400:], sampling.PcaBank([fits[2]], torch.tensor([1])), (6,), sigma, g)
-    alpha = pca.encode(fits[2], starts) / fits[2]["spread"]
+    alpha = class_pca.encode(fits[2], starts) / fits[2]["spread"]
     torch.testing.assert_close(alpha.std(0), torch.full((6,), sigma), atol=0.06, rtol=0)
     state = g.get_state()
     x0 = sampling.INITS["uniform"].draw(y, None, (1, 2, 3), 0.0, g)
@@ -279,7 +282,7 @@ def test_stages_pca_sample_score_end_to_end(tmp_path, monkeypatch, stage_model):
     assert local["classes"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3] and len(local["fits"]) == 8
     pm = json.loads((tmp_path / "metrics/pca.json").read_text())
     for c in range(4):
-        fit = pca.fit(data.to_float(train.x[train.y == c]).flatten(1), 0.9)
+        fit = class_pca.fit(data.to_float(train.x[train.y == c]).flatten(1), 0.9)
         assert torch.equal(glob["fits"][c]["components"], fit["components"])
         assert pm[f"pca.global.{c}.retained"] == round(float(fit["retained"]), 4)
         assert pm[f"pca.global.{c}.components"] == fit["components"].shape[0]

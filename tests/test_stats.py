@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from energyat import stats
+from energyat.evaluation import stats
 
 
 def flags(both: int, only_a: int, only_b: int, neither: int) -> tuple[list[bool], list[bool]]:

@@ -8,13 +8,12 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_model
 
 from energyat import params as P
 from energyat.errors import UserError
-from energyat.step_graphs import StepGraphs
-from energyat.train import Trainer
-
-from conftest import tiny_model
+from energyat.science.step_graphs import StepGraphs
+from energyat.science.training import Trainer
 
 
 class Recorder:

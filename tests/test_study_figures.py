@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from energyat import study_figures
+from energyat.studies import figures
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,7 +18,7 @@ def test_co_sweep_draws_a_line_per_run_and_variant_over_eps():
               "stats": {"pgd50_acc": _stats(m, m - 0.02, m + 0.02)}}
              for v, e, m in (("base", 0.1, 0.6), ("base", 0.3, 0.0), ("der", 0.1, 0.62), ("der", 0.3, 0.05))]
     study = {"settings": [{"title": "fashion-mnist", "label": "train.epochs=5", "pgd": "pgd50_acc", "cells": cells}]}
-    (ax,) = study_figures.co_sweep_figure(study).axes
+    (ax,) = figures.co_sweep_figure(study).axes
     lines = {c.get_label(): (list(c.lines[0].get_xdata()), list(c.lines[0].get_ydata())) for c in ax.containers}
     assert lines["FGSM"] == ([0.1, 0.3], [60.0, 0.0]) and lines["FGSM + DER"] == ([0.1, 0.3], [62.0, 5.0])
     assert ax.get_title() == "fashion-mnist, 5 epochs" and ax.get_xlabel() == "ε"
@@ -33,7 +33,7 @@ def test_cells_kept_as_aggregates_only_join_the_curve_of_their_re_run_setting():
     kept = {"title": "fashion-mnist", "label": 'der.aae_norm="aae"', "pgd": "pgd50_acc", "evidence": "aggregates only",
             "cells": [cell(0.1, 0.6)]}
     other = {**kept, "label": 'der.aae_norm="batch"'}  # another DER variant: a panel of its own
-    axes = study_figures.co_sweep_figure({"settings": [fresh, kept, other]}).axes
+    axes = figures.co_sweep_figure({"settings": [fresh, kept, other]}).axes
     assert len(axes) == 2
     (line,) = [c.lines[0] for c in axes[0].containers]
     assert list(line.get_xdata()) == [0.1, 0.3] and list(line.get_ydata()) == [60.0, 0.0]
@@ -42,7 +42,7 @@ def test_cells_kept_as_aggregates_only_join_the_curve_of_their_re_run_setting():
 
 def test_seeds_figure_shows_every_seed_and_the_mean():
     rep = json.loads((ROOT / "metrics/seeds.json").read_text())
-    ax, _curves = study_figures.seeds_figure(rep).axes
+    ax, _curves = figures.seeds_figure(rep).axes
     gain = rep["groups"][0]["robust_overfitting"]["pgd"]["der_gain_last"]["pgd50_acc"]
     dots = [list(line.get_xdata()) for line in ax.get_lines() if len(line.get_xdata()) == len(gain["values"])]
     assert [100 * v for v in gain["values"]] in [[float(x) for x in d] for d in dots]
@@ -50,7 +50,7 @@ def test_seeds_figure_shows_every_seed_and_the_mean():
 
 
 def test_history_figure_overlays_base_and_der_per_run_of_the_params():
-    from energyat.history_figures import QUANTITIES, histories_figure
+    from energyat.reporting.history_figures import QUANTITIES, histories_figure
 
     def rows(offset):
         return [{"epoch": e, "val_clean_acc": 0.5 + offset, "val_pgd_acc": 0.1 * e + offset, "dE_x": offset,
@@ -69,12 +69,12 @@ def test_history_figure_overlays_base_and_der_per_run_of_the_params():
 
 
 def test_seeds_figure_draws_the_per_epoch_band_over_seeds():
-    from energyat import aggregate
+    from energyat.studies import seeds
 
     def history(offset):
         return [{"epoch": e, "val_pgd_acc": 0.1 * e + offset, "val_clean_acc": 0.5} for e in (1, 2, 3)]
 
-    bands = aggregate.epoch_bands([history(0.0), history(0.02), history(0.04)])
+    bands = seeds.epoch_bands([history(0.0), history(0.02), history(0.04)])
     assert bands["val_pgd_acc"]["epoch"] == [1, 2, 3]
     assert bands["val_pgd_acc"]["mean"] == pytest.approx([0.12, 0.22, 0.32])
     half = 4.302652729749464 * 0.02 / 3 ** 0.5  # t(0.975, 2 df) * sd / sqrt(3)
@@ -83,7 +83,7 @@ def test_seeds_figure_draws_the_per_epoch_band_over_seeds():
     gap = {"values": [0.01, 0.02, 0.03], "mean": 0.02, "lo": 0.0, "hi": 0.04}
     ro = {"method": "pgd", "pgd": "pgd50_acc", "gap": {"base": gap, "der": gap},
           "der_gain_last": {"pgd50_acc": gap}, "epochs": {"base": bands, "der": bands}}
-    _, curve = study_figures.seeds_figure({"groups": [{"label": "", "robust_overfitting": {"pgd": ro}}]}).axes
+    _, curve = figures.seeds_figure({"groups": [{"label": "", "robust_overfitting": {"pgd": ro}}]}).axes
     (base, der) = [list(line.get_ydata()) for line in curve.lines]
     assert base == pytest.approx([12.0, 22.0, 32.0]) and der == base
     assert curve.get_ylabel() == "validation PGD accuracy (%)" and len(curve.collections) == 2

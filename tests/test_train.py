@@ -6,13 +6,13 @@ import shutil
 
 import pytest
 import torch
+from conftest import make_task, tiny_model
 
 from energyat import params as P
-from energyat.data import Split
+from energyat.science.data import Split
+from energyat.science.overfitting import summarize
+from energyat.science.training import HISTORY_COLUMNS, fit, learning_rate
 from energyat.stages import train as train_stage
-from energyat.train import HISTORY_COLUMNS, fit, learning_rate, summarize
-
-from conftest import make_task, tiny_model
 
 
 def as_split(x, y):
@@ -157,7 +157,7 @@ def without_seconds(history: list[dict]) -> str:
 
 def test_training_step_under_cpu_bf16_autocast(splits, monkeypatch):
     """The mixed-precision path (CUDA uses bf16 autocast) exercised on the CPU: losses and energies in fp32."""
-    import energyat.train as T
+    import energyat.science.training as T
 
     train, val = splits
     cfg = run_cfg(method="rs-fgsm", der={"lambda": 1.0})

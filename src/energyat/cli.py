@@ -18,24 +18,25 @@ from .errors import UserError
 DISTRIBUTED = ("train", "evaluate", "analyze", "sample")
 LAUNCHED = "ENERGYAT_LAUNCHED"  # set for the ranks our launcher starts: they leave the error line to it
 
-# stage name -> (module under energyat.stages, argument names, one line for --help)
+# stage or command name -> (module under energyat: stages.* are dvc.yaml stages, commands.* the other commands;
+# argument names; one line for --help)
 STAGES: dict[str, tuple[str, tuple[str, ...], str]] = {
-    "prepare": ("prepare", (), "dataset -> data/prepared (train/val/test tensors, checksums)"),
-    "train": ("train", ("run", "variant"), "train one run without (base) or with (der) DER, resumable per epoch"),
-    "evaluate": ("evaluate", ("run", "variant"), "clean, PGD-k (restarts) and AutoAttack accuracy of a run's checkpoints"),
-    "analyze": ("analyze", (), "energies of natural vs adversarial test images, per attack"),
-    "pca": ("pca", (), "class-wise global and local PCA of the training images"),
-    "class-energy": ("class_energy", (), "mean energy E(x,y) of each class's training images (adaptive stopping's target)"),
-    "sample": ("sample", ("sampler",), "SGLD samples from the base and DER models with one sampler"),
-    "score": ("score", (), "IS / FID / diversity of the samples"),
-    "report": ("report", (), "summary metrics and the CO / RO / training tables"),
-    "paper-report": ("paper_report", (), "docs/paper.md from the paper-setting evidence in metrics/paper/"),
-    "study-figures": ("study_figures", (), "figures of the CO and RO studies from their committed aggregates"),
-    "bench": ("bench", (), "training and AutoAttack speed -> metrics/bench.json (not a dvc.yaml stage)"),
-    "aggregate": ("aggregate", ("names...", "--co-study", "--export"),
+    "prepare": ("stages.prepare", (), "dataset -> data/prepared (train/val/test tensors, checksums)"),
+    "train": ("stages.train", ("run", "variant"), "train one run without (base) or with (der) DER, resumable per epoch"),
+    "evaluate": ("stages.evaluate", ("run", "variant"), "clean, PGD-k (restarts) and AutoAttack accuracy of a run's checkpoints"),
+    "analyze": ("stages.analyze", (), "energies of natural vs adversarial test images, per attack"),
+    "pca": ("stages.pca", (), "class-wise global and local PCA of the training images"),
+    "class-energy": ("stages.class_energy", (), "mean energy E(x,y) of each class's training images (adaptive stopping's target)"),
+    "sample": ("stages.sample", ("sampler",), "SGLD samples from the base and DER models with one sampler"),
+    "score": ("stages.score", (), "IS / FID / diversity of the samples"),
+    "report": ("stages.report", (), "summary metrics and the CO / RO / training tables"),
+    "paper-report": ("stages.paper_report", (), "docs/paper.md from the paper-setting evidence in metrics/paper/"),
+    "study-figures": ("stages.study_figures", (), "figures of the CO and RO studies from their committed aggregates"),
+    "bench": ("commands.bench", (), "training and AutoAttack speed -> metrics/bench.json (not a dvc.yaml stage)"),
+    "aggregate": ("commands.aggregate", ("names...", "--co-study", "--export"),
                   "pool seeds from DVC experiments -> metrics/seeds.* or co_study.* (not a dvc.yaml stage)"),
-    "block": ("block", (), "the paper's setting in GPU-window blocks (not a dvc.yaml stage; own arguments)"),
-    "preset": ("preset", (), "run a preset as the DVC experiment `dvc exp run -S ...` (not a dvc.yaml stage)"),
+    "block": ("commands.block", (), "the paper's setting in GPU-window blocks (not a dvc.yaml stage; own arguments)"),
+    "preset": ("commands.preset", (), "run a preset as the DVC experiment `dvc exp run -S ...` (not a dvc.yaml stage)"),
 }
 ARGUMENTS = {  # positional argument -> add_argument options
     "run": {"help": "a run of params.yaml `runs`, or standard"},
@@ -61,13 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, (module_name, args, about) in STAGES.items():
         p = sub.add_parser(name, help=about, description=about)
         if name in OWN_ARGUMENTS:
-            importlib.import_module(f"energyat.stages.{module_name}").add_arguments(p)
+            importlib.import_module(f"energyat.{module_name}").add_arguments(p)
         for arg in args:
             p.add_argument(arg.rstrip("."), **ARGUMENTS[arg])
     argv = sys.argv[1:] if argv is None else argv
     ns = parser.parse_args(argv)
-    from . import distributed
     from . import params as params_mod
+    from .infra import distributed
 
     rank = f" (rank {os.environ['RANK']})" if distributed.launched() else ""
     launched_here = bool(os.environ.get(LAUNCHED))
@@ -75,12 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         _die_with_launcher()
     try:
         if ns.stage in OWN_ARGUMENTS:  # these build their params themselves (a block: preset + its overrides)
-            module = importlib.import_module(f"energyat.stages.{STAGES[ns.stage][0]}")
+            module = importlib.import_module(f"energyat.{STAGES[ns.stage][0]}")
             module.run(None, ns)
             return 0
         params = params_mod.load(ns.params)
         if ns.stage in DISTRIBUTED and not distributed.launched():
-            from .runtime import device_type
+            from .infra.runtime import device_type
 
             kind = device_type(params.device)
             nproc = params.stage_nproc(ns.stage, kind) if ns.nproc == "auto" else ns.nproc
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             if nproc > 1:
                 _check_args(params, ns)  # once here: every rank would fail alike, and race to say so
                 return _launch(ns.stage, nproc, params.threads, argv)
-        module = importlib.import_module(f"energyat.stages.{STAGES[ns.stage][0]}")
+        module = importlib.import_module(f"energyat.{STAGES[ns.stage][0]}")
         module.run(params, *[getattr(ns, a.strip("-.").replace("-", "_")) for a in STAGES[ns.stage][1]])
     except UserError as exc:
         if launched_here:

@@ -15,13 +15,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from .. import analysis, checkpoint, distributed
-from ..artifacts import read_json, save_figure, write_json
-from ..data import load_prepared, to_float
 from ..errors import UserError
+from ..evaluation import analysis
+from ..infra import distributed
+from ..infra.artifacts import read_json, save_figure, write_json
+from ..infra.runtime import log, setup
 from ..params import Params, check_test_subset
-from ..report import family
-from ..runtime import log, setup
+from ..reporting.tables import family
+from ..runstate import checkpoint
+from ..science.data import load_prepared, to_float
 
 PLOTS = Path("plots/energy")
 

@@ -6,10 +6,10 @@ images per class). Writes data/class_energy.json.
 """
 from __future__ import annotations
 
-from .. import data, sampling
-from ..artifacts import write_json
+from ..infra.artifacts import write_json
+from ..infra.runtime import log, setup
 from ..params import VARIANTS, Params
-from ..runtime import log, setup
+from ..science import data, sampling
 from .sample import CLASS_ENERGY, first_per_class, load_models
 
 

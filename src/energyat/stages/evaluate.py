@@ -40,11 +40,13 @@ from pathlib import Path
 
 from torch import Tensor
 
-from .. import checkpoint, distributed, robustness, stats
-from ..artifacts import write_json, write_text
-from ..data import load_prepared, to_float
+from ..evaluation import robustness, stats
+from ..infra import distributed
+from ..infra.artifacts import write_json, write_text
+from ..infra.runtime import log, setup
 from ..params import Params, check_test_subset
-from ..runtime import log, setup
+from ..runstate import checkpoint
+from ..science.data import load_prepared, to_float
 
 OUT = Path("metrics/eval")
 FLAGS_FORMAT = "energyat-flags/1"

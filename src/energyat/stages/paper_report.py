@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import headline, paper_blocks, paper_report
-from ..artifacts import read_json, read_tsv, save_figure, write_text
 from ..errors import UserError
-from ..runtime import log
-from . import headline as headline_files
+from ..infra.artifacts import read_json, read_tsv, save_figure, write_rows, write_text
+from ..infra.runtime import log
+from ..reporting import headline
+from ..studies import paper_blocks, paper_page
 
 EVIDENCE = Path("metrics/paper")
 PAGE, ROWS, FIGURES = Path("docs/paper.md"), Path("metrics/headline/paper"), Path("docs/figures/paper")
@@ -33,8 +33,8 @@ def read_evidence(root: Path = EVIDENCE) -> dict:
 
 def run(_params) -> None:
     evidence = read_evidence()
-    write_text(PAGE, paper_report.page(evidence) + "\n")
+    write_text(PAGE, paper_page.page(evidence) + "\n")
     for block, seeds in evidence.items():
-        save_figure(FIGURES / f"{block}.png", paper_report.history_figure(block, seeds))
-    headline_files.write(ROWS, headline.from_paper(evidence))
+        save_figure(FIGURES / f"{block}.png", paper_page.history_figure(block, seeds))
+    write_rows(ROWS, headline.from_paper(evidence))
     log(f"paper-report: {sum(len(s) for s in evidence.values())} block run(s) -> {PAGE}, {ROWS}/")

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import data, pca
-from ..artifacts import save_torch, write_json
+from ..infra.artifacts import save_torch, write_json
+from ..infra.runtime import log, setup
 from ..params import Params
-from ..runtime import log, setup
+from ..science import class_pca, data
 
 OUT = "data/pca"
 METRICS = "metrics/pca.json"
@@ -28,8 +28,8 @@ def run(params: Params) -> None:
     k = meta["num_classes"]
     x = data.to_float(train.x).flatten(1)
     log(f"pca: {x.shape[0]} training images, {x.shape[1]} pixels, {k} classes, keep {cfg.variance:.0%} of the variance")
-    global_fits = pca.classwise(x, train.y, k, cfg.variance)
-    local_fits, local_classes, anchors = pca.local_classwise(
+    global_fits = class_pca.classwise(x, train.y, k, cfg.variance)
+    local_fits, local_classes, anchors = class_pca.local_classwise(
         x, train.y, k, cfg.variance, cfg.k, cfg.n_anchors, torch.Generator().manual_seed(params.seed))
 
     # held-out check: how much of each class's validation variance the global components keep
@@ -38,7 +38,7 @@ def run(params: Params) -> None:
     for c, fit in enumerate(global_fits):
         members = x_val[val.y == c]
         centred = members - fit["mean"]
-        residual = centred - pca.encode(fit, members) @ fit["components"]
+        residual = centred - class_pca.encode(fit, members) @ fit["components"]
         metrics[f"pca.global.{c}.components"] = int(fit["components"].shape[0])
         metrics[f"pca.global.{c}.retained"] = round(float(fit["retained"]), 4)
         metrics[f"pca.global.{c}.val_retained"] = (

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
-from .. import data, runtime
-from ..artifacts import sha256, write_json
+from ..infra import runtime
+from ..infra.artifacts import sha256, write_json
+from ..science import data
 
 
 def run(params, out: str | Path = data.PREPARED) -> None:

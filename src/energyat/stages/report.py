@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import headline, history_figures, report
-from ..artifacts import read_json, read_tsv, save_figure, write_json, write_text
+from ..infra.artifacts import read_json, read_tsv, save_figure, write_json, write_rows, write_text
+from ..infra.runtime import log
 from ..params import VARIANTS, Params
-from ..runtime import log
-from . import headline as headline_files
+from ..reporting import headline, history_figures, tables
 
 SCORE = Path("metrics/score.json")
 ROWS = Path("metrics/headline/run")
@@ -29,14 +28,14 @@ def run(params: Params) -> None:
     trains = {(r, v): read_json(Path("metrics/train") / f"{r}.{v}.json") for r, v in pairs}
     standard = read_json(EVAL / "standard.base.json")
     score = read_json(SCORE) if SCORE.is_file() else None
-    summary = report.summary(methods, evals, trains, flags, standard, score)
-    co, ro = report.co_table(methods, evals, flags), report.ro_table(methods, evals, flags)
+    summary = tables.summary(methods, evals, trains, flags, standard, score)
+    co, ro = tables.co_table(methods, evals, flags), tables.ro_table(methods, evals, flags)
     trains_all = {("standard", "base"): read_json("metrics/train/standard.base.json"), **trains}
-    write_text("metrics/train_table.md", report.training_table(methods, trains_all))
+    write_text("metrics/train_table.md", tables.training_table(methods, trains_all))
     write_text("metrics/co_table.md", co)
     write_text("metrics/ro_table.md", ro)
     write_json("metrics/summary.json", summary)
-    headline_files.write(ROWS, headline.from_summary(summary))
+    write_rows(ROWS, headline.from_summary(summary))
     histories = {(r, v): read_tsv(f"plots/history/{r}.{v}.tsv") for r, v in [("standard", "base"), *pairs]}
     save_figure("plots/report/histories.png",
                 history_figures.histories_figure(histories, {"standard": "standard", **methods}))

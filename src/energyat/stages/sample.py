@@ -14,11 +14,13 @@ import time
 import torch
 from matplotlib.figure import Figure  # a bare Figure: no pyplot state, no GUI backend
 
-from .. import checkpoint, data, distributed, sampling
-from ..artifacts import load_torch, read_json, save_figure, save_torch, write_json, write_text
 from ..errors import UserError
+from ..infra import distributed
+from ..infra.artifacts import load_torch, read_json, save_figure, save_torch, write_json, write_text
+from ..infra.runtime import log, setup
 from ..params import VARIANTS, Params
-from ..runtime import log, setup
+from ..runstate import checkpoint
+from ..science import data, sampling
 
 GRID_COLUMNS = 10  # examples per class shown in the grid
 CLASS_ENERGY = "data/class_energy.json"  # the class-energy stage's Ē_y of both models

@@ -13,12 +13,13 @@ from __future__ import annotations
 import matplotlib
 import torch
 
-from .. import checkpoint, data, fidelity
-from ..artifacts import load_torch, save_figure, write_json, write_text
 from ..errors import UserError
-from ..params import Params
-from ..runtime import log, progress, setup
-from ..params import VARIANTS
+from ..evaluation import fidelity
+from ..infra.artifacts import load_torch, save_figure, write_json, write_text
+from ..infra.runtime import log, progress, setup
+from ..params import VARIANTS, Params
+from ..runstate import checkpoint
+from ..science import data
 from .sample import samples_path
 
 matplotlib.use("Agg")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import headline, study_figures
-from ..artifacts import read_json, save_figure
-from ..runtime import log
-from . import headline as headline_files
+from ..infra.artifacts import read_json, save_figure, write_rows
+from ..infra.runtime import log
+from ..reporting import headline
+from ..studies import figures
 
 OUT = Path("plots/studies")
 ROWS = Path("metrics/headline/studies")
@@ -15,7 +15,7 @@ ROWS = Path("metrics/headline/studies")
 
 def run(_params) -> None:
     study, seeds = read_json("metrics/co_study.json"), read_json("metrics/seeds.json")
-    save_figure(OUT / "co_sweep.png", study_figures.co_sweep_figure(study))
-    save_figure(OUT / "seeds.png", study_figures.seeds_figure(seeds))
-    headline_files.write(ROWS, headline.from_studies(study, seeds))
+    save_figure(OUT / "co_sweep.png", figures.co_sweep_figure(study))
+    save_figure(OUT / "seeds.png", figures.seeds_figure(seeds))
+    write_rows(ROWS, headline.from_studies(study, seeds))
     log(f"study-figures: {OUT}/co_sweep.png, {OUT}/seeds.png, {ROWS}/")

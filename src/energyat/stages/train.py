@@ -29,13 +29,24 @@ import math
 import shutil
 from pathlib import Path
 
-from .. import checkpoint, distributed, imports
-from ..artifacts import digest, load_sealed, remove_temporaries, save_sealed, sha256, write_bytes, write_json, write_text
-from ..data import load_prepared
 from ..errors import UserError
+from ..infra import distributed, imports
+from ..infra.artifacts import (
+    digest,
+    load_sealed,
+    remove_temporaries,
+    save_sealed,
+    sha256,
+    write_bytes,
+    write_json,
+    write_text,
+)
+from ..infra.runtime import log, setup
 from ..params import MULTI_STEP, Params, RunCfg, as_dict
-from ..runtime import log, setup
-from ..train import HISTORY_COLUMNS, fit, summarize
+from ..runstate import checkpoint
+from ..science.data import load_prepared
+from ..science.overfitting import summarize
+from ..science.training import HISTORY_COLUMNS, fit
 
 STATE = "state.pt"
 STATE_DIR = Path(".energyat/state")  # git-ignored, outside every DVC output: <variant>/<run>/state.pt
@@ -76,7 +87,7 @@ def _json_safe(d: dict) -> dict:
 def _code_digest() -> str:
     """A saved state is resumed only by the code that wrote it: the same params under changed training code
     restart. The files are this stage's import closure, the same set dvc.yaml lists as its deps."""
-    return hashlib.sha256(b"".join(p.read_bytes() for p in imports.stage_closure("train"))).hexdigest()[:16]
+    return hashlib.sha256(b"".join(p.read_bytes() for p in imports.stage_closure("stages.train"))).hexdigest()[:16]
 
 
 def _hash(obj: dict) -> str:

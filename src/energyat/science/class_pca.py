@@ -24,7 +24,7 @@ import math
 import torch
 from torch import Tensor
 
-from .runtime import progress
+from ..infra.runtime import progress
 
 
 def fit(x: Tensor, variance: float) -> dict[str, Tensor]:

@@ -20,9 +20,9 @@ from pyautoattack.fab_pt import FABAttack_PT
 from pyautoattack.square import SquareAttack
 from torch import Tensor, nn
 
-from .attacks import Threat, default_alpha, pgd_attack
-from .energy import energy, joint_energy
-from .distributed import block_seed
+from ..infra.distributed import block_seed
+from ..science.attacks import Threat, default_alpha, pgd_attack
+from ..science.energy import energy, joint_energy
 from .robustness import over_blocks
 
 ATTACKS = ("pgd", "apgd-ce", "apgd-t", "fab-t", "square", "cw")

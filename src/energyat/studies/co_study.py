@@ -25,12 +25,24 @@ import json
 import math
 from pathlib import Path
 
-from . import stats
-from .aggregate import (EVAL, PATH_PARAMS, POOL_IGNORE, TRAIN, Group, differing, finite, flag_vector, fmt_points,
-                        paired_over_seeds, pooling_params, strongest_pgd)
-from .errors import UserError
-from .params import VARIANTS
-from .report import METHOD_NAMES, family
+from ..errors import UserError
+from ..evaluation import stats
+from ..params import VARIANTS
+from ..reporting.tables import METHOD_NAMES, family
+from .seeds import (
+    EVAL,
+    PATH_PARAMS,
+    POOL_IGNORE,
+    TRAIN,
+    Group,
+    differing,
+    finite,
+    flag_vector,
+    fmt_points,
+    paired_over_seeds,
+    pooling_params,
+    strongest_pgd,
+)
 
 COUNTS = ("co_at_end", "catastrophic_overfitting", "diverged")
 CHECK = ("pgd_missed", "apgd_missed", "n", "p")  # the evaluate stage's paired attack check (last.check.*)

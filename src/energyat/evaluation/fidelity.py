@@ -33,9 +33,9 @@ from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
-from . import checkpoint
-from .artifacts import load_torch
-from .errors import UserError
+from ..errors import UserError
+from ..infra.artifacts import load_torch
+from ..runstate import checkpoint
 
 CLASSIFIER = "energyat-classifier"
 INCEPTION = "inception-v3-compat"

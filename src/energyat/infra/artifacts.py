@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 TMP_SUFFIX = ".tmp"
 
@@ -190,3 +190,15 @@ def sha256(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def write_rows(folder: str | Path, rows: dict[str, dict]) -> None:
+    """`folder/<row>.json` for each row (headline rows, a folder DVC declares as metrics); files of rows that no
+    longer exist are removed (a stage run outside DVC, which would have removed the whole folder first)."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for old in folder.glob("*.json"):
+            if old.stem not in rows:
+                old.unlink()
+    for name, row in rows.items():
+        write_json(folder / f"{name}.json", row)

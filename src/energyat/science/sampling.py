@@ -15,11 +15,12 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from . import distributed, pca
+from ..infra import distributed
+from ..infra.distributed import block_seed
+from ..infra.runtime import autocast, progress
+from . import class_pca
 from .data import batches, to_float
 from .energy import joint_energy
-from .distributed import block_seed
-from .runtime import autocast, progress
 
 # ---------------------------------------------------------------------------------------------- priors
 
@@ -100,7 +101,7 @@ def gaussian_init(y: Tensor, prior: ClassGaussian, shape: tuple[int, ...], sigma
 
 def pca_init(y: Tensor, prior: PcaBank, shape: tuple[int, ...], sigma_pca: float, generator: torch.Generator) -> Tensor:
     """x₀ = μ + Σᵢ sᵢ·αᵢ·Uᵢ, αᵢ ~ N(0, σ_pca²), from a random fit of the label's class, clipped to [0, 1]; sᵢ is
-    the fit's `spread` (pca.py: the class-size convention of the ECCV 2024 code, for global and local fits)."""
+    the fit's `spread` (class_pca.py: the class-size convention of the ECCV 2024 code, for global and local fits)."""
     device = generator.device
     choice = torch.empty_like(y)
     for c in y.unique().tolist():
@@ -114,7 +115,7 @@ def pca_init(y: Tensor, prior: PcaBank, shape: tuple[int, ...], sigma_pca: float
         rows = (choice == f).nonzero().squeeze(1)
         fit = {k: v.to(device) for k, v in prior.fits[f].items()}
         alpha = sigma_pca * torch.randn((rows.numel(), fit["spread"].shape[0]), generator=generator, device=device)
-        x[rows] = pca.decode(fit, alpha * fit["spread"])
+        x[rows] = class_pca.decode(fit, alpha * fit["spread"])
     return x.clamp(0, 1).view(-1, *shape)
 
 

@@ -12,7 +12,7 @@ import yaml
 
 from ..errors import UserError
 from ..params import load
-from ..presets import overrides
+from ..studies.presets import overrides
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..params import MULTI_STEP, SINGLE_STEP, TrainCfg
 from .attacks import Threat, default_alpha, pgd_attack, single_step, trades_attack
-from .params import MULTI_STEP, SINGLE_STEP, TrainCfg
 
 
 @contextmanager

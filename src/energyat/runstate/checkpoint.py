@@ -11,10 +11,10 @@ from typing import Any
 
 from torch import nn
 
-from .artifacts import digest, json_text, load_torch, missing, read_json, sha256, torch_bytes, write_bytes
-from .errors import UserError
-from .models import build_model, init_lazy
-from .params import ModelCfg
+from ..errors import UserError
+from ..infra.artifacts import digest, json_text, load_torch, missing, read_json, sha256, torch_bytes, write_bytes
+from ..params import ModelCfg
+from ..science.models import build_model, init_lazy
 
 
 def model_id(model: ModelCfg) -> dict:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from matplotlib.figure import Figure  # a bare Figure: no pyplot state, no GUI backend
 
-from . import paper_blocks, stats
-from .report import METHOD_NAMES
+from ..evaluation import stats
+from ..reporting.tables import METHOD_NAMES
+from . import paper_blocks
 
 METRICS = (("clean", "Clean"), ("pgd50", "PGD-50-10"), ("aa", "AutoAttack"), ("worst", "Worst case"))
 CHANCE = 0.1  # CIFAR-10: a model whose clean accuracy stays below twice this learned nothing (no CO to speak of)

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .artifacts import load_torch, read_json, sha256
-from .errors import UserError
-from .runtime import progress
+from ..errors import UserError
+from ..infra.artifacts import load_torch, read_json, sha256
+from ..infra.runtime import progress
 
 SPLITS = ("train", "val", "test")
 PREPARED = Path("data/prepared")

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .errors import UserError
+from ..errors import UserError
 
 StepFn = Callable[..., dict]  # (*inputs, *key) -> the step's outputs; runs forward and backward
 

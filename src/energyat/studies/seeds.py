@@ -30,10 +30,10 @@ import re
 from dataclasses import dataclass
 from fractions import Fraction
 
-from . import stats
-from .errors import UserError
-from .params import VARIANTS
-from .report import METHOD_NAMES, family
+from ..errors import UserError
+from ..evaluation import stats
+from ..params import VARIANTS
+from ..reporting.tables import METHOD_NAMES, family
 
 PARAMS_FILE = "params.yaml"
 SEED = "seed"

@@ -18,7 +18,7 @@ from typing import Callable, Hashable, TypeVar
 import torch
 import torch.distributed as dist
 
-from .errors import UserError
+from ..errors import UserError
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ import math
 
 from matplotlib.figure import Figure  # a bare Figure: no pyplot state, no GUI backend
 
-from .report import METHOD_NAMES
+from .tables import METHOD_NAMES
 
 QUANTITIES = (("val_clean_acc", "validation clean accuracy"), ("val_pgd_acc", "validation PGD accuracy"),
               ("dE_x", "mean ΔE(x) (natural − adversarial)"), ("dE_xy", "mean ΔE(x, y)"),

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import re
 
-from . import stats
-from .errors import UserError
-from .params import SINGLE_STEP, VARIANTS
-from .train import RO_WINDOW
+from ..errors import UserError
+from ..evaluation import stats
+from ..params import SINGLE_STEP, VARIANTS
+from ..science.overfitting import RO_WINDOW
 
 FINAL = "last"
 METHOD_NAMES = {"fgsm": "FGSM", "rs-fgsm": "RS-FGSM", "n-fgsm": "N-FGSM", "gradalign": "GradAlign", "pgd": "PGD-AT",

@@ -25,14 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import checkpoint
-from ..artifacts import write_json
-from ..data import load_prepared, to_float
-from ..methods import METHODS
+from ..evaluation.robustness import autoattack_seconds_per_100
+from ..infra.artifacts import write_json
+from ..infra.runtime import log, setup
 from ..params import DerCfg, Params, RunCfg, TrainCfg
-from ..robustness import autoattack_seconds_per_100
-from ..runtime import log, setup
-from ..train import SUMS, Trainer, diagnosed
+from ..runstate import checkpoint
+from ..science.data import load_prepared, to_float
+from ..science.methods import METHODS
+from ..science.training import SUMS, Trainer, diagnosed
 
 GEOMETRY = {  # dataset -> (channels, size, classes) of its images; timings do not depend on the pixels
     "fashion-mnist": (1, 28, 10), "cifar10": (3, 32, 10), "cifar100": (3, 32, 100), "svhn": (3, 32, 10),

@@ -22,10 +22,10 @@ import torch
 from pyautoattack import AutoAttack
 from torch import Tensor, nn
 
-from . import distributed
-from .distributed import block_seed
-from .attacks import Threat, default_alpha, pgd_attack
-from .runtime import progress
+from ..infra import distributed
+from ..infra.distributed import block_seed
+from ..infra.runtime import progress
+from ..science.attacks import Threat, default_alpha, pgd_attack
 
 AA_PACKAGE = "pyautoattack"
 AA_VERSION = "standard"

@@ -9,7 +9,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = "energyat"
-ROOT = Path(__file__).resolve().parent  # src/energyat
+ROOT = Path(__file__).resolve().parents[1]  # src/energyat
 
 
 def _module_file(name: str) -> Path | None:
@@ -65,8 +65,8 @@ def closure(*modules: str) -> list[Path]:
 
 
 def stage_closure(stage_module: str) -> list[Path]:
-    """The files `python -m energyat <stage>` runs: the CLI's imports and the stage module's."""
-    return closure(f"{PACKAGE}.__main__", f"{PACKAGE}.cli", f"{PACKAGE}.stages.{stage_module}")
+    """The files `python -m energyat <stage>` runs: the CLI's imports and the stage module's (`stages.train`, ...)."""
+    return closure(f"{PACKAGE}.__main__", f"{PACKAGE}.cli", f"{PACKAGE}.{stage_module}")
 
 
 def relative(paths: list[Path], start: Path) -> list[str]:

@@ -24,12 +24,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .. import aggregate, co_study
-from ..artifacts import read_json, read_tsv, write_json, write_text
 from ..errors import UserError
+from ..infra.artifacts import read_json, read_tsv, write_json, write_text
+from ..infra.runtime import log
 from ..params import VARIANTS, Params
-from ..report import family
-from ..runtime import log
+from ..reporting.tables import family
+from ..studies import co_study, seeds
 
 FLAGS = "metrics/eval/{run}.{variant}.flags.json"
 HISTORY = "plots/history/{run}.{variant}.tsv"
@@ -68,8 +68,8 @@ STAGE_FILES = ("metrics/train/{run}.{variant}.json", "metrics/eval/{run}.{varian
 def _stage_files(rev: str, params: dict) -> dict:
     """The run's summary and its per-run train and eval JSON in an experiment's commit (DVC lists them as plots,
     not metrics)."""
-    runs = ["standard", *aggregate.runs_of(params.get(aggregate.PARAMS_FILE, {}))]
-    paths = [aggregate.SUMMARY, *(pattern.format(run=run, variant=variant) for run in runs
+    runs = ["standard", *seeds.runs_of(params.get(seeds.PARAMS_FILE, {}))]
+    paths = [seeds.SUMMARY, *(pattern.format(run=run, variant=variant) for run in runs
                                   for variant in (("base",) if run == "standard" else VARIANTS)
                                   for pattern in STAGE_FILES)]
     out = {}
@@ -83,24 +83,24 @@ def _stage_files(rev: str, params: dict) -> dict:
     return out
 
 
-def _committed(root: Path = STUDIES) -> tuple[list[aggregate.Experiment], dict[str, Path]]:
+def _committed(root: Path = STUDIES) -> tuple[list[seeds.Experiment], dict[str, Path]]:
     """The experiments of the committed evidence, and rev -> its evidence folder."""
     exps, folders = [], {}
     for record in sorted(root.glob(f"*/*/{RECORD}")):
-        exp = aggregate.from_evidence(read_json(record))
+        exp = seeds.from_evidence(read_json(record))
         exps.append(exp)
         folders[exp.rev] = record.parent
     return exps, folders
 
 
-def _export(study: str, exps: list[aggregate.Experiment]) -> None:
+def _export(study: str, exps: list[seeds.Experiment]) -> None:
     """Each experiment's record, flags and histories into metrics/studies/<study>/<name>/ (from its commit)."""
     if not exps:
         raise UserError("aggregate --export: no finished experiment to export (dvc exp show lists none)")
     for exp in exps:
         folder = STUDIES / study / exp.name
-        write_json(folder / RECORD, aggregate.evidence(exp))
-        for run in aggregate.runs_of(exp.params.get(aggregate.PARAMS_FILE, {})):
+        write_json(folder / RECORD, seeds.evidence(exp))
+        for run in seeds.runs_of(exp.params.get(seeds.PARAMS_FILE, {})):
             for variant in VARIANTS:
                 for src, dest in ((FLAGS, "eval/{run}.{variant}.flags.json"), (HISTORY, "history/{run}.{variant}.tsv")):
                     shown = _git("show", f"{exp.rev}:{src.format(run=run, variant=variant)}")
@@ -109,7 +109,7 @@ def _export(study: str, exps: list[aggregate.Experiment]) -> None:
         log(f"aggregate: {exp.name} -> {folder}")
 
 
-def _run_files(groups: list[aggregate.Group], folders: dict[str, Path], kept: str, source: str, read,
+def _run_files(groups: list[seeds.Group], folders: dict[str, Path], kept: str, source: str, read,
                fam: str = "ro") -> dict:
     """(rev, run, variant) -> `read(path)` of one file per run of family `fam` (multi-step `ro`, single-step `co`)
     of every experiment of the groups: the committed evidence (`kept` under its folder) first, else `source` from
@@ -137,28 +137,28 @@ def _run_files(groups: list[aggregate.Group], folders: dict[str, Path], kept: st
 
 def run(params: Params, names: list[str], co: bool = False, export: str = "") -> None:
     head = _git("rev-parse", "HEAD")
-    live, notes = aggregate.experiments(_exp_show(), head.stdout.strip() if head.returncode == 0 else None,
+    live, notes = seeds.experiments(_exp_show(), head.stdout.strip() if head.returncode == 0 else None,
                                         files=_stage_files)
     for note in notes:
         log(f"aggregate: {note}")
     if export:
-        _export(export, aggregate.select(live, names) if names else live)
+        _export(export, seeds.select(live, names) if names else live)
         return
     committed, folders = _committed()
-    exps = aggregate.merge(committed, live)
+    exps = seeds.merge(committed, live)
     if not exps and not (co and CO_AGGREGATES_ONLY.is_file()):
         # a clone without refs or evidence: the committed aggregates are all there is, keep them
         raise UserError(f"no experiments to aggregate: no evidence under {STUDIES}/ and no experiment refs; "
                         "metrics/seeds.* and metrics/co_study.* left as they are")
     if names:
         try:
-            exps = aggregate.select(exps, names)
+            exps = seeds.select(exps, names)
         except UserError:
             if not (co and CO_AGGREGATES_ONLY.is_file()):
                 raise
             exps = []  # only cells kept without evidence: the table is theirs alone
     if co:
-        groups, notes = aggregate.group(exps, min_members=1, keep_older=True)
+        groups, notes = seeds.group(exps, min_members=1, keep_older=True)
         for note in notes:
             log(f"aggregate: {note}")
         flags = _run_files(groups, folders, "eval/{run}.{variant}.flags.json", FLAGS, read_json, "co")  # McNemar
@@ -171,15 +171,15 @@ def run(params: Params, names: list[str], co: bool = False, export: str = "") ->
         log(f"aggregate: co study: {len(study['settings'])} setting(s), {cells} cells -> metrics/co_study.md")
         return
     if names:
-        groups, notes = [aggregate.pool(exps)], []
+        groups, notes = [seeds.pool(exps)], []
     else:
-        groups, notes = aggregate.group(exps)
+        groups, notes = seeds.group(exps)
     for note in notes:
         log(f"aggregate: {note}")
     flags = _run_files(groups, folders, "eval/{run}.{variant}.flags.json", FLAGS, read_json)  # for McNemar
     histories = _run_files(groups, folders, "history/{run}.{variant}.tsv", HISTORY, read_tsv)
-    rep = aggregate.report(groups, flags, histories)
+    rep = seeds.report(groups, flags, histories)
     write_json("metrics/seeds.json", rep)
-    write_text("metrics/seeds.md", aggregate.markdown(rep))
+    write_text("metrics/seeds.md", seeds.markdown(rep))
     log(f"aggregate: {len(groups)} group(s) of seeds "
         f"({'; '.join(str(len(g.members)) + ' seeds' for g in groups) or 'none'}) -> metrics/seeds.md")

@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from .. import paper_blocks
-from ..artifacts import atomic_path, read_json, write_json, write_text
 from ..errors import UserError
+from ..infra.artifacts import atomic_path, read_json, write_json, write_text
+from ..infra.runtime import log
 from ..params import MULTI_STEP, parse
-from ..runtime import log
+from ..studies import paper_blocks
 
 EVIDENCE = {  # scratch file -> evidence suffix
     "metrics/train/{job}.json": "train.json", "plots/history/{job}.tsv": "history.tsv",
@@ -82,7 +82,7 @@ def _pack(root: Path, tar: Path) -> None:
 
 def _prepare(params, raw: dict, work_root: Path) -> Path:
     """The prepared splits, shared by every block of a seed and data source (decoding 60k JPEGs is not free)."""
-    from . import prepare
+    from ..stages import prepare
 
     key = hashlib.sha256(json.dumps({"seed": raw["seed"], "data": raw["data"]}, sort_keys=True).encode())
     folder = work_root / f"data-{key.hexdigest()[:12]}"
@@ -100,7 +100,7 @@ def _code_digest() -> str:
 
 
 def run(_params: None, ns: argparse.Namespace) -> None:
-    from . import evaluate, train
+    from ..stages import evaluate, train
 
     start = time.monotonic()
     preset = Path(ns.preset)

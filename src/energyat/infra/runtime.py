@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import UserError
 from . import distributed
-from .errors import UserError
 
 
 def device_type(name: str) -> str:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from matplotlib.figure import Figure  # a bare Figure: no pyplot state, no GUI backend
 
+from ..reporting.tables import METHOD_NAMES
 from .co_study import AGGREGATES_ONLY, same_setting
-from .report import METHOD_NAMES
 
 
 def _panels(settings: list[dict]) -> list[tuple[dict, list[tuple[dict, bool]]]]:

@@ -1,0 +1,1 @@
+"""Commands that are not dvc.yaml stages: aggregate, bench, block, preset."""

@@ -1,0 +1,1 @@
+"""Evaluation: robust accuracy (PGD, APGD, AutoAttack), energies of natural vs adversarial images, statistics, IS/FID."""
