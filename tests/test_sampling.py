@@ -291,7 +291,7 @@ def test_stages_pca_sample_score_end_to_end(tmp_path, monkeypatch, stage_model):
     for sampler in p.sample.samplers:
         sample_stage.run(p, sampler)
     y = torch.arange(4).repeat_interleave(3)
-    ref = sample_stage.first_per_class(train.y, 4, 50)
+    ref = data.first_per_class(train.y, 4, 50)
     for variant in ("base", "der"):
         s = load_torch(f"data/samples/local-adaptive/{variant}.pt")
         model, _ = checkpoint.load(f"models/{variant}/pgd/best.pt")

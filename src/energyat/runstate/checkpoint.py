@@ -9,12 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import UserError
 from ..infra.artifacts import digest, json_text, load_torch, missing, read_json, sha256, torch_bytes, write_bytes
-from ..params import ModelCfg
+from ..infra.runtime import log
+from ..params import VARIANTS, ModelCfg, Params
 from ..science.models import build_model, init_lazy
+from .outputs import model_path
 
 
 def model_id(model: ModelCfg) -> dict:
@@ -71,3 +74,28 @@ def load(path: str | Path, expect: dict[str, Any] | None = None) -> tuple[nn.Mod
     except RuntimeError as exc:
         raise UserError(f"{path}: does not fit arch {meta['arch']!r} ({str(exc).splitlines()[0][:120]})") from None
     return model.eval(), meta
+
+
+def warn_if_not_robust(path: str, meta: dict) -> None:
+    """Samples of a non-robust classifier are adversarial noise, not images: say so, then sample anyway."""
+    chance = 1 / meta["num_classes"]
+    if meta.get("method") == "standard" or not meta.get("eps"):
+        log(f"sample: warning: {path} was trained without adversarial examples (method {meta.get('method')!r}); "
+            f"its samples will look like noise")
+    elif meta.get("val_pgd_acc") is not None and meta["val_pgd_acc"] <= chance:
+        log(f"sample: warning: {path} has validation PGD accuracy {meta['val_pgd_acc']:.3f} (chance {chance:.3f}): "
+            f"not robust, its samples will look like noise")
+
+
+def sampling_models(params: Params, meta: dict, device: torch.device) -> dict:
+    """The best checkpoints of `sample.run`, base and DER, checked against the prepared data, without gradients."""
+    run = params.sample.run
+    expect = {**model_id(params.run(run).model), "num_classes": meta["num_classes"],
+              **{key: meta[key] for key in ("dataset", "channels", "size")}}
+    models = {}
+    for variant in VARIANTS:
+        path = model_path(variant, run)
+        model, mmeta = load(path, expect=expect)
+        warn_if_not_robust(path, mmeta)
+        models[variant] = model.to(device).requires_grad_(False)
+    return models

@@ -485,3 +485,8 @@ def augment(x: torch.Tensor, aug: Augmentation, pad: int = 4) -> torch.Tensor:
     cols = aug.dx[:, None] + pad + torch.where(aug.flip[:, None], w - 1 - ar_w, ar_w)  # (N, W)
     out = padded[torch.arange(n, device=x.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
     return out.permute(0, 3, 1, 2).contiguous()
+
+
+def first_per_class(y: torch.Tensor, num_classes: int, n: int) -> torch.Tensor:
+    """Indices of the first `n` images of each class (all of them when n is 0)."""
+    return torch.cat([(y == c).nonzero().squeeze(1)[:n or None] for c in range(num_classes)])

@@ -9,8 +9,9 @@ from __future__ import annotations
 from ..infra.artifacts import write_json
 from ..infra.runtime import log, setup
 from ..params import VARIANTS, Params
+from ..runstate.checkpoint import sampling_models
+from ..runstate.outputs import CLASS_ENERGY
 from ..science import data, sampling
-from .sample import CLASS_ENERGY, first_per_class, load_models
 
 
 def run(params: Params) -> None:
@@ -18,8 +19,8 @@ def run(params: Params) -> None:
     device = setup(params)
     splits, meta = data.load_prepared()
     train, k = splits["train"], meta["num_classes"]
-    models = load_models(params, meta, device)
-    ref = first_per_class(train.y, k, cfg.n_energy)
+    models = sampling_models(params, meta, device)
+    ref = data.first_per_class(train.y, k, cfg.n_energy)
     energies = {}
     for variant in VARIANTS:
         target = sampling.class_mean_energy(models[variant], train.x[ref], train.y[ref], k, cfg.batch_size, device)

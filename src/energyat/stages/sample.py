@@ -20,18 +20,10 @@ from ..infra.artifacts import load_torch, read_json, save_figure, save_torch, wr
 from ..infra.runtime import log, setup
 from ..params import VARIANTS, Params
 from ..runstate import checkpoint
+from ..runstate.outputs import CLASS_ENERGY, samples_path
 from ..science import data, sampling
 
 GRID_COLUMNS = 10  # examples per class shown in the grid
-CLASS_ENERGY = "data/class_energy.json"  # the class-energy stage's Ē_y of both models
-
-
-def model_path(variant: str, run: str) -> str:
-    return f"models/{variant}/{run}/best.pt"
-
-
-def samples_path(sampler: str, variant: str) -> str:
-    return f"data/samples/{sampler}/{variant}.pt"
 
 
 def load_prior(needs: str | None, train: data.Split, meta: dict):
@@ -54,31 +46,6 @@ def load_prior(needs: str | None, train: data.Split, meta: dict):
     return bank
 
 
-def warn_if_not_robust(path: str, meta: dict) -> None:
-    """Samples of a non-robust classifier are adversarial noise, not images: say so, then sample anyway."""
-    chance = 1 / meta["num_classes"]
-    if meta.get("method") == "standard" or not meta.get("eps"):
-        log(f"sample: warning: {path} was trained without adversarial examples (method {meta.get('method')!r}); "
-            f"its samples will look like noise")
-    elif meta.get("val_pgd_acc") is not None and meta["val_pgd_acc"] <= chance:
-        log(f"sample: warning: {path} has validation PGD accuracy {meta['val_pgd_acc']:.3f} (chance {chance:.3f}): "
-            f"not robust, its samples will look like noise")
-
-
-def load_models(params: Params, meta: dict, device: torch.device) -> dict:
-    """The best checkpoints of `sample.run`, base and DER, checked against the prepared data, without gradients."""
-    run = params.sample.run
-    expect = {**checkpoint.model_id(params.run(run).model), "num_classes": meta["num_classes"],
-              **{key: meta[key] for key in ("dataset", "channels", "size")}}
-    models = {}
-    for variant in VARIANTS:
-        path = model_path(variant, run)
-        model, mmeta = checkpoint.load(path, expect=expect)
-        warn_if_not_robust(path, mmeta)
-        models[variant] = model.to(device).requires_grad_(False)
-    return models
-
-
 def load_class_energy(params: Params, num_classes: int) -> dict[str, list[float]]:
     """Ē_y per variant from the class-energy stage, checked to be of this run, `n_energy` and class count."""
     stored = read_json(CLASS_ENERGY)
@@ -89,11 +56,6 @@ def load_class_energy(params: Params, num_classes: int) -> dict[str, list[float]
         raise UserError(f"{CLASS_ENERGY}: made for {have or 'something else'}, not {want}; "
                         f"rerun `dvc repro class-energy`")
     return energies
-
-
-def first_per_class(y: torch.Tensor, num_classes: int, n: int) -> torch.Tensor:
-    """Indices of the first `n` images of each class (all of them when n is 0)."""
-    return torch.cat([(y == c).nonzero().squeeze(1)[:n or None] for c in range(num_classes)])
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -138,7 +100,7 @@ def run(params: Params, sampler: str) -> None:
     train, k = splits["train"], meta["num_classes"]
     shape = (meta["channels"], meta["size"], meta["size"])
     prior = load_prior(spec.needs, train, meta)
-    models = load_models(params, meta, device)
+    models = checkpoint.sampling_models(params, meta, device)
     targets = load_class_energy(params, k)
     y = torch.arange(k, device=device).repeat_interleave(cfg.samples_per_class)
     metrics, key = {}, f"sample.{sampler}"

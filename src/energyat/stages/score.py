@@ -19,8 +19,8 @@ from ..infra.artifacts import load_torch, save_figure, write_json, write_text
 from ..infra.runtime import log, progress, setup
 from ..params import VARIANTS, Params
 from ..runstate import checkpoint
+from ..runstate.outputs import samples_path
 from ..science import data
-from .sample import samples_path
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
