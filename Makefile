@@ -44,6 +44,31 @@ paper: install
 aggregate: install
 	python -m energyat aggregate $(ARGS)
 
+# Sharing results through a DVC remote (docs/sharing.md). `make remote URL=<dir or s3://, gs://, ssh://…>` writes
+# the default remote into .dvc/config, the committed config, so every clone pulls from it once that file is
+# committed. The default URL is relative, and DVC resolves it against each clone: every clone beside this one on
+# the machine (or the shared filesystem) finds the same store, where an absolute path under one user's $HOME would
+# be wrong for the others.
+REMOTE = storage
+URL = ../energyat-dvc-store
+
+# These need dvc and energyat only: the ones on PATH where they are, else the venv is installed first.
+NEED_DVC = @python -c 'import dvc, energyat' 2>/dev/null || $(MAKE) --no-print-directory install
+
+.PHONY: remote push pull
+remote:
+	$(NEED_DVC)
+	@python -m energyat remote add '$(URL)' --name '$(REMOTE)'
+
+# `dvc push --run-cache` and the files its run records name (src/energyat/commands/remote.py says why)
+push:
+	$(NEED_DVC)
+	@python -m energyat remote push
+
+pull:
+	$(NEED_DVC)
+	python -m dvc pull --run-cache
+
 install: $(STAMP)
 
 # pip --no-compile: Python compiles the modules it imports on first use; compiling all of torch's up front

@@ -173,7 +173,8 @@ def aae_rich_batch(method: str, run: P.RunCfg):
         adv = METHODS[method].attack(model, x, y, METHODS[method].threat(run.train), noise, False)
         with torch.no_grad():
             out = model(adv.x_adv)
-            clean, start = E.aae_mask(model(x), out, y), E.aae_start_mask(adv.logits_start, out, y)
+            clean = E.aae_mask(*E.delta_energies(model(x), out, y))
+            start = E.aae_start_mask(adv.logits_start, out, y)
         if all(2 <= m.sum() <= len(y) - 2 for m in (clean, start)):
             return model, x, y, noise
     raise AssertionError("no batch with AAEs found")
@@ -193,8 +194,7 @@ def test_masked_single_step_der_inside_the_training_step_by_hand(method, aae, no
     start = adv.logits_start
     ce = lambda logits: F.cross_entropy(logits, y, reduction="none")  # noqa: E731
     mask = (ce(out) < ce(start)) if aae == "start" else (ce(out) < ce(nat))
-    d_x = -torch.logsumexp(nat, 1) + torch.logsumexp(out, 1)
-    d_xy = -nat.gather(1, y[:, None]).squeeze(1) + out.gather(1, y[:, None]).squeeze(1)
+    d_x, d_xy = by_hand_deltas(nat, out, y)
     hinge = (torch.sqrt(d_x ** 2 + d_xy ** 2) - 0.01).clamp_min(0) * mask
     der = hinge.sum() / (mask.sum() if norm == "aae" else len(y))
     expected = ce(out).mean() + 2.0 * der
@@ -203,6 +203,40 @@ def test_masked_single_step_der_inside_the_training_step_by_hand(method, aae, no
         torch.testing.assert_close(got, want)
     assert 0 < mask.sum() < len(y) and der.item() > 0
     assert sums["aae"].item() == int((d_x < d_xy).sum())  # diagnostics: the clean AAE definition
+
+
+def by_hand_deltas(nat, out, y):
+    """(ΔE(x), ΔE(x, y)) written out: E = -logsumexp f, E(·, y) = -f[y], natural minus adversarial."""
+    return (-torch.logsumexp(nat, 1) + torch.logsumexp(out, 1),
+            -nat.gather(1, y[:, None]).squeeze(1) + out.gather(1, y[:, None]).squeeze(1))
+
+
+@pytest.mark.parametrize("method", ["pgd", "trades"])
+def test_multi_step_der_inside_the_training_step_by_hand(method):
+    """Multi-step AT with DER on, docs/design.md §1: L = (the method's loss) + λ · mean over the batch of
+    L_ΔE = max(‖[ΔE(x), ΔE(x, y)]‖₂ - γ, 0), value and gradient, with x* detached."""
+    run = run_cfg(method, eps=0.1, steps=2, der={"lambda": 2.0, "gamma": 0.05})
+    model, (x, y) = wiggly_net(0), mid_grey(n=16)
+    gen = torch.Generator().manual_seed(0)
+    noise = uniform_noise(x, gen) if method == "pgd" else torch.randn(x.shape, generator=gen)
+    loss, _ = Objective(model, run)(x, y, noise, True, True, len(y))
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+
+    x_adv = METHODS[method].attack(model, x, y, METHODS[method].threat(run.train), noise, False).x_adv
+    nat, out = model(x), model(x_adv)
+    d_x, d_xy = by_hand_deltas(nat, out, y)
+    hinge = (torch.sqrt(d_x ** 2 + d_xy ** 2) - 0.05).clamp_min(0)
+    if method == "pgd":
+        base = F.cross_entropy(out, y)
+    else:
+        p = F.softmax(nat, 1)
+        kl = (p * (p.log() - F.log_softmax(out, 1))).sum(1)
+        base = (F.cross_entropy(nat, y, reduction="none") + run.train.trades_beta * kl).mean()
+    expected = base + 2.0 * hinge.mean()
+    torch.testing.assert_close(loss, expected)
+    for got, want in zip(grads, torch.autograd.grad(expected, list(model.parameters()))):
+        torch.testing.assert_close(got, want)
+    assert hinge.sum().item() > 0
 
 
 # ------------------------------------------------------------------------------------------- BatchNorm

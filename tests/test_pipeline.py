@@ -1,5 +1,6 @@
 """End to end: the real `dvc repro` of a tiny configuration in a temporary copy of the repository, then the
-`dvc exp run -S der.lambda=...` round trip that DVC's run-cache answers without running a stage."""
+`dvc exp run -S der.lambda=...` round trip that DVC's run-cache answers without running a stage, then the team's
+round trip through a DVC remote: `make remote`, `make push`, a fresh clone's `dvc pull`, and its run-cache."""
 from __future__ import annotations
 
 import io
@@ -21,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 COPY_IGNORE = shutil.ignore_patterns(".venv", ".git", "data", "models", "metrics", "plots", "__pycache__",
                                      "*.egg-info", ".pytest_cache", "tmp", "cache", "dvc.lock",
-                                     ".energyat", ".gpu", ".cache")  # resume states, fork and block scratch
+                                     ".energyat", ".gpu", ".cache",  # resume states, fork and block scratch
+                                     "config.local")  # a developer's own DVC remote: the test pushes to its own
 
 
 def synthetic_tarball(path: Path, classes: int = 10, per_class: int = 16, size: int = 28) -> None:
@@ -74,6 +76,14 @@ def git(cwd: Path, *args: str) -> None:
     subprocess.run(["git", *args], cwd=cwd, env={**os.environ, **GIT_ENV}, check=True, capture_output=True)
 
 
+def make(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """A Makefile target as a user runs it, in a copy without a venv: this interpreter's dvc is the one on PATH.
+    The make variables of an enclosing `make test` are not passed on (they would override the target's)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    env.update(PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", DVC_NO_ANALYTICS="1")
+    return subprocess.run(["make", "-s", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
 def fingerprint(repo: Path) -> dict[str, bytes]:
     """Every pipeline output file, git-tracked or DVC-cached, by path: what a restore must give back."""
     roots = ["metrics", "plots", "models", "data/pca", "data/samples", "docs/paper.md", "docs/figures/paper"]
@@ -101,6 +111,28 @@ def test_every_stage_can_be_restored_from_the_run_cache(tmp_path):
             for out in stage.outs:
                 if out.is_metric:
                     assert out.def_path.startswith("metrics/headline/") and "." not in out.def_path, out.def_path
+
+
+def test_make_remote_refuses_a_bad_url_in_one_line(tmp_path):
+    """`make remote` checks the URL before it writes .dvc/config, so a typo never replaces a working remote."""
+    from dvc.repo import Repo
+
+    shutil.copyfile(ROOT / "Makefile", tmp_path / "Makefile")
+    Repo.init(tmp_path, no_scm=True).close()
+    assert make(tmp_path, "remote", "URL=store").returncode == 0
+    config = (tmp_path / ".dvc/config").read_text()
+    assert "remote = storage" in config and "url = ../store" in config  # relative to .dvc/: resolved per clone
+    bad = {"foo://bucket/x": "Unsupported URL type foo://", str(tmp_path / "no/such/dir"): "does not exist",
+           "": "URL is empty"}
+    try:
+        import dvc_s3  # noqa: F401
+    except ImportError:  # the plugin a cloud remote needs, named with the command that installs it
+        bad["s3://bucket/x"] = "pip install 'dvc[s3]=="
+    for url, reason in bad.items():
+        proc = make(tmp_path, "remote", f"URL={url}")
+        assert proc.returncode != 0 and proc.stderr.startswith(f"energyat remote: error: {url}"), proc.stderr
+        assert reason in proc.stderr.splitlines()[0], proc.stderr
+        assert (tmp_path / ".dvc/config").read_text() == config
 
 
 @pytest.mark.slow
@@ -173,7 +205,8 @@ def test_dvc_repro_tiny_pipeline(tmp_path):
     ran = {line.split("'")[1] for line in der.stdout.splitlines() if line.startswith("Running stage '")}
     assert {"train-der@fgsm", "train-der@pgd", "evaluate@pgd-der", "report"} <= ran
     assert not {"prepare", "train-standard", "train@fgsm", "train@pgd", "pca", "evaluate@fgsm-base"} & ran
-    assert fingerprint(repo)["metrics/train/fgsm.der.json"] != before["metrics/train/fgsm.der.json"]
+    lambda_2 = fingerprint(repo)
+    assert lambda_2["metrics/train/fgsm.der.json"] != before["metrics/train/fgsm.der.json"]
     states = {f: f.stat().st_mtime_ns for f in (repo / ".energyat/state").rglob("state.pt")}
     assert len(states) == 5  # every train stage's resume state, outside its output
     time.sleep(0.01)  # (an mtime any later write would change)
@@ -186,3 +219,31 @@ def test_dvc_repro_tiny_pipeline(tmp_path):
     assert {f: f.stat().st_mtime_ns for f in states} == states  # ... nor touched its state
     assert fingerprint(repo) == before  # every output back, to the byte: checkpoints, metrics, flags, tables, plots
     assert json.loads(dvc(repo, "status", "--json").stdout) == {}
+
+    # sharing (docs/sharing.md): the default remote, a folder beside the repository (tmp_path/energyat-dvc-store),
+    # configured and pushed by the commands users type, committed with the outputs that live in git
+    for target in ("remote", "push"):
+        proc = make(repo, target)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        if target == "remote":
+            git(repo, "add", "-A")
+            git(repo, "commit", "-qm", "DVC remote")
+    assert (tmp_path / "energyat-dvc-store/files/md5").is_dir()
+    # a fresh clone has the git half only; `dvc pull` brings the rest, from the URL it resolves against itself
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", str(repo), str(clone))
+    assert not (clone / "models").exists() and not (clone / "data").exists()
+    dvc(clone, "pull")
+    assert (clone / "models/der/pgd/best.pt").read_bytes() == (repo / "models/der/pgd/best.pt").read_bytes()
+    assert fingerprint(clone) == before
+    assert json.loads(dvc(clone, "status", "--json").stdout) == {}
+    nothing = dvc(clone, "repro")
+    assert "Running stage" not in nothing.stdout and "checking out" not in nothing.stdout, nothing.stdout
+    assert fingerprint(clone) == before
+    # the run-cache: a run pushed from the other repository (DER weight 2) restores from the remote, untrained
+    dvc(clone, "pull", "--run-cache")
+    teammate = dvc(clone, "exp", "run", "--pull", "-S", "der.lambda=2", "train-der@pgd")
+    assert "Running stage" not in teammate.stdout, teammate.stdout
+    assert "Stage 'train-der@pgd' is cached" in teammate.stdout, teammate.stdout
+    assert (clone / "models/der/pgd/best.pt").read_bytes() == lambda_2["models/der/pgd/best.pt"]
+    assert (clone / "metrics/train/pgd.der.json").read_bytes() == lambda_2["metrics/train/pgd.der.json"]

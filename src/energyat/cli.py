@@ -37,6 +37,7 @@ STAGES: dict[str, tuple[str, tuple[str, ...], str]] = {
                   "pool seeds from DVC experiments -> metrics/seeds.* or co_study.* (not a dvc.yaml stage)"),
     "block": ("commands.block", (), "the paper's setting in GPU-window blocks (not a dvc.yaml stage; own arguments)"),
     "preset": ("commands.preset", (), "run a preset as the DVC experiment `dvc exp run -S ...` (not a dvc.yaml stage)"),
+    "remote": ("commands.remote", (), "add a DVC remote, or push outputs + run-cache to it (not a dvc.yaml stage)"),
 }
 ARGUMENTS = {  # positional argument -> add_argument options
     "run": {"help": "a run of params.yaml `runs`, or standard"},
@@ -49,7 +50,7 @@ ARGUMENTS = {  # positional argument -> add_argument options
 }
 EPILOG = """Every stage reads params.yaml (--params). Environment: ENERGYAT_PROGRESS=1 shows progress bars when stderr is
 not a terminal (they are on at a terminal; DVC and CI logs get one line per epoch with an ETA instead)."""
-OWN_ARGUMENTS = ("block", "preset")  # stages that declare their own arguments (add_arguments) and read no params.yaml
+OWN_ARGUMENTS = ("block", "preset", "remote")  # stages that declare their own arguments (add_arguments) and read no params.yaml
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -117,7 +117,7 @@ class TrainCfg:
     gradalign_lambda: float | str = field(default="auto", metadata={**_range(0.0), "or_auto": True})
     # training-batch diagnostics (E(x), dE, AAE fractions, train clean acc) on every k-th batch of every run and epoch,
     # also where the natural logits come free (fgsm, gradalign, trades, standard, DER epochs), so that base and DER
-    # runs average over the same batches (train.diagnosed); 0: off
+    # runs average over the same batches (science/training.diagnosed); 0: off
     diag_every: int = field(default=8, metadata=_range(0))
     n_val: int = field(default=1000, metadata=_range(1))  # validation images scored each epoch
     val_steps: int = field(default=10, metadata=_range(1))  # PGD steps of the per-epoch validation attack

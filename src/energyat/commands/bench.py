@@ -2,7 +2,7 @@
 100 images. Writes metrics/bench.json (tests never assert time).
 
 Ours is `Trainer.step` as `fit` drives it: natural-image diagnostics on every `train.diag_every`-th batch
-(`train.diagnosed`), diagnostic sums kept on the device and read once per round.
+(`training.diagnosed`), diagnostic sums kept on the device and read once per round.
 The references are the methods' published training loops, written out here and not imported from the library:
 zero-init FGSM and RS-FGSM (Wong et al. 2020), N-FGSM (de Jorge et al. 2022), GradAlign (Andriushchenko &
 Flammarion 2020), PGD-k with a random start (Rice et al. 2020), TRADES with its attack in eval mode (Zhang et al.
@@ -206,7 +206,7 @@ class Reference:
 
 
 class Ours:
-    """`Trainer.step` driven as `fit` drives it: diagnostics on every `diag_every`-th batch (`train.diagnosed`); the
+    """`Trainer.step` driven as `fit` drives it: diagnostics on every `diag_every`-th batch (`training.diagnosed`); the
     diagnostic sums accumulate on the device and are read once per round (fit: once per epoch); on CUDA
     the step replays from CUDA graphs unless `cuda_graphs` is False (the `cuda_graphs` param's default: on)."""
 

@@ -1,7 +1,9 @@
 """A classifier read as an energy-based model: energies, delta energies, DER, AAE mask.
 
-Pure tensor functions over logits `f(x)` of shape (N, K); every result is per sample (N,) unless
-named a loss. Sign conventions follow docs/design.md §1: ΔE is natural minus adversarial.
+Pure tensor functions over logits `f(x)` of shape (N, K), or over the delta energies `delta_energies` gives;
+every result is per sample (N,) unless named a loss. Sign conventions follow docs/design.md §1: ΔE is natural
+minus adversarial. DER is three steps, the ones training takes: `delta_energies`, `der_per_sample` (with the AAE
+mask of single-step AT, `aae_mask` or `aae_start_mask`), `der_loss` (λ and the batch normalisation).
 
 Every function computes in fp32 whatever the logits' dtype: under bf16 autocast a logsumexp of values near 10
 rounds to ~0.06, the size of DER's margin γ and of the adaptive-stopping band. Casting cannot undo logits already
@@ -9,6 +11,8 @@ rounded to bf16, so the models' classifier layers run in fp32 under autocast (mo
 arrive here in fp32.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -36,22 +40,10 @@ def delta_energies(logits_nat: Tensor, logits_adv: Tensor, y: Tensor) -> tuple[T
     return d_marginal, d_joint
 
 
-def aae_mask(logits_nat: Tensor, logits_adv: Tensor, y: Tensor) -> Tensor:
-    """Abnormal adversarial examples: the attack lowered the loss, CE(x*) < CE(x) ⇔ ΔE(x) < ΔE(x, y)."""
-    d_marginal, d_joint = delta_energies(logits_nat, logits_adv, y)
+def aae_mask(d_marginal: Tensor, d_joint: Tensor) -> Tensor:
+    """Abnormal adversarial examples from (ΔE(x), ΔE(x, y)): the attack lowered the loss, CE(x*) < CE(x) ⇔
+    ΔE(x) < ΔE(x, y)."""
     return d_marginal < d_joint
-
-
-def der_per_sample(logits_nat: Tensor, logits_adv: Tensor, y: Tensor, gamma: float) -> Tensor:
-    """L_ΔE = max(‖[ΔE(x), ΔE(x, y)]‖₂ - γ, 0) per sample; differentiable through both energies."""
-    return der_from_deltas(*delta_energies(logits_nat, logits_adv, y), gamma)
-
-
-def der_from_deltas(d_marginal: Tensor, d_joint: Tensor, gamma: float) -> Tensor:
-    """L_ΔE from ΔE(x) and ΔE(x, y) already computed."""
-    # vector_norm's backward is 0 at the origin; hypot's and sqrt's are NaN there (and NaN·0 = NaN).
-    norm = torch.linalg.vector_norm(torch.stack((d_marginal, d_joint), dim=1), dim=1)
-    return (norm - gamma).clamp_min(0.0)
 
 
 def aae_start_mask(logits_start: Tensor, logits_adv: Tensor, y: Tensor) -> Tensor:
@@ -60,15 +52,34 @@ def aae_start_mask(logits_start: Tensor, logits_adv: Tensor, y: Tensor) -> Tenso
     return cross_entropy(logits_adv, y) < cross_entropy(logits_start, y)
 
 
-def der_loss(logits_nat: Tensor, logits_adv: Tensor, y: Tensor, gamma: float, mask: Tensor | None = None,
-             norm: str = "aae") -> Tensor:
-    """Batch DER: mean of L_ΔE over the batch; with `mask` (the AAEs of single-step AT) either the mean over the
-    AAEs (`norm="aae"`) or their sum over the batch size (`norm="batch"`, each AAE weighted like one sample of
-    multi-step DER). 0 (with a zero gradient) when no sample is selected."""
-    per_sample = der_per_sample(logits_nat, logits_adv, y, gamma)
-    if mask is None:
-        return per_sample.mean()
+def der_per_sample(d_marginal: Tensor, d_joint: Tensor, gamma: float, mask: Tensor | None = None) -> Tensor:
+    """L_ΔE = max(‖[ΔE(x), ΔE(x, y)]‖₂ - γ, 0) per sample from (ΔE(x), ΔE(x, y)) (`delta_energies`, with their
+    graphs: differentiable through both energies); with `mask` (the AAEs of single-step AT), 0 outside it."""
+    # vector_norm's backward is 0 at the origin; hypot's and sqrt's are NaN there (and NaN·0 = NaN).
+    norm = torch.linalg.vector_norm(torch.stack((d_marginal, d_joint), dim=1), dim=1)
+    per_sample = (norm - gamma).clamp_min(0.0)
+    return per_sample if mask is None else per_sample * mask
+
+
+def _one_process(count: Tensor) -> Tensor:
+    return count
+
+
+def der_loss(per_sample: Tensor, lam: float, mask: Tensor | None = None, norm: str = "aae", *,
+             batch: int | None = None, world: int = 1, total: Callable[[Tensor], Tensor] = _one_process) -> Tensor:
+    """The DER term of the loss, λ · the batch's DER, from `der_per_sample` (zero outside `mask`): λ · the mean of
+    L_ΔE over the batch; with `mask` (the AAEs of single-step AT) either over the AAEs (`norm="aae"`) or their sum
+    over the batch size (`norm="batch"`, each AAE weighted like one sample of multi-step DER). 0 (with a zero
+    gradient) when no sample is selected.
+
+    One shard of a data-parallel batch (docs/design.md §7): `batch` is the global batch size (default: this
+    batch's), `world` the number of ranks and `total` sums a count over them (`distributed.all_sum`). Each rank
+    returns λ · its shard's sum over (the global count / world), so that DDP's average of the ranks' gradients is
+    the gradient of the global batch's term."""
     if norm not in ("aae", "batch"):
         raise ValueError(f"der_loss: norm {norm!r}; allowed: aae, batch")
-    denominator = mask.sum().clamp_min(1) if norm == "aae" else mask.numel()
-    return (per_sample * mask).sum() / denominator
+    if mask is not None and norm == "aae":
+        denominator = total(mask.sum().float()).clamp_min(1) / world
+    else:
+        denominator = (per_sample.shape[0] if batch is None else batch) / world
+    return lam * per_sample.sum() / denominator

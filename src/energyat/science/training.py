@@ -123,22 +123,18 @@ class Objective(nn.Module):
             sums.update(clean_correct=(logits_nat.detach().argmax(1) == y).sum(), e_nat=e_nat.sum())
         if logits_adv is not None and (der_on or measured):
             d_x, d_xy = E.delta_energies(logits_nat, logits_adv, y)  # with their graphs when DER is on
-            per_sample = E.der_from_deltas(d_x, d_xy, der.gamma)
             mask = None
-            if m.single_step:  # AAEs: the attack lowered the loss, CE(x*) < CE(x) <=> ΔE(x) < ΔE(x, y)
+            if m.single_step:  # DER on the AAEs only
                 mask = (E.aae_start_mask(adv.logits_start, logits_adv, y) if der.aae == "start"
-                        else d_x.detach() < d_xy.detach())
-                per_sample = per_sample * mask
+                        else E.aae_mask(d_x.detach(), d_xy.detach()))
+            per_sample = E.der_per_sample(d_x, d_xy, der.gamma, mask)
             if der_on:
-                if mask is not None and der.aae_norm == "aae":
-                    denominator = distributed.all_sum(mask.sum().float()).clamp_min(1) / world
-                else:
-                    denominator = global_batch / world
-                loss = loss + der.lam * per_sample.sum() / denominator
+                loss = loss + E.der_loss(per_sample, der.lam, mask, der.aae_norm, batch=global_batch, world=world,
+                                         total=distributed.all_sum)
             if measured:
                 d_x, d_xy = d_x.detach(), d_xy.detach()
                 sums.update(e_adv=(e_nat - d_x).sum(), de_x=d_x.sum(), de_xy=d_xy.sum(),
-                            der=per_sample.detach().sum(), aae=(d_x < d_xy).sum())
+                            der=per_sample.detach().sum(), aae=E.aae_mask(d_x, d_xy).sum())
         if diagnose and adv.logits_start is not None and logits_adv is not None:
             sums["aae_start"] = E.aae_start_mask(adv.logits_start, logits_adv.detach(), y).sum()
         sums["loss"] = loss.detach() * (global_batch / world)  # summed over ranks: the global mean × batch
@@ -259,69 +255,111 @@ class Trainer:
 EpochCallback = Callable[[dict], None]
 
 
+class BestEpoch:
+    """Checkpoint selection: validation PGD accuracy for adversarial training, clean accuracy for `standard`. A DER
+    run's best epoch is chosen among its epochs with DER on, so that its `best` checkpoint is always a DER model."""
+
+    def __init__(self, adversarial: bool, use_der: bool, history: list[dict]):
+        self.key = "val_pgd_acc" if adversarial else "val_clean_acc"
+        self.der_only = use_der
+        self.value = max((r[self.key] for r in history if self.eligible(r)), default=-1.0)
+
+    def eligible(self, row: dict) -> bool:
+        return bool(row["der_on"]) if self.der_only else True
+
+    def update(self, row: dict) -> bool:
+        """Whether `row`, the next epoch's, is the best so far (then remembered as such)."""
+        is_best = self.eligible(row) and row[self.key] > self.value
+        if is_best:
+            self.value = row[self.key]
+        return is_best
+
+
+def restore(model: nn.Module, optimizer: torch.optim.Optimizer, resume: dict | None) -> tuple[list[dict], int]:
+    """The history and the last finished epoch of `resume` (as `fit` reports it), its weights and optimiser state
+    loaded; ([], 0) for a fresh run."""
+    if resume is None:
+        return [], 0
+    model.load_state_dict(resume["model"])
+    optimizer.load_state_dict(resume["optimizer"])
+    return list(resume["history"]), int(resume["epoch"])
+
+
+def training_images(train: Split, cfg: TrainCfg, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The first `n_train` training images and labels (all of them when 0), on the device."""
+    x, y = train.x, train.y
+    if cfg.n_train:
+        x, y = x[: cfg.n_train], y[: cfg.n_train]
+    return x.to(device), y.to(device)
+
+
+def der_active(run: RunCfg, use_der: bool, epoch: int) -> bool:
+    """Whether DER is on in `epoch`: every epoch of single-step AT, the late epochs of multi-step AT."""
+    method = METHODS[run.train.method]
+    return use_der and method.adversarial and (method.single_step or run.der.active(epoch, run.train.epochs))
+
+
+def train_epoch(trainer: Trainer, x: Tensor, y: Tensor, epoch: int, der_on: bool, es: int) -> dict[str, Tensor | int]:
+    """One epoch of optimiser steps on the images (x, y) shuffled, its randomness seeded by `es`; returns this
+    rank's SUMS, device tensors (no sync per step)."""
+    cfg = trainer.cfg
+    torch.manual_seed(es)
+    order_gen = torch.Generator(device="cpu").manual_seed(es)
+    step_gen = torch.Generator(device=trainer.device).manual_seed(es)
+    steps_per_epoch = math.ceil(x.shape[0] / cfg.batch_size)
+    acc: dict[str, Tensor | int] = {}
+    trainer.model.train()
+    inner = progress(batches(x, y, cfg.batch_size, shuffle=True, generator=order_gen),
+                     total=steps_per_epoch, desc=f"epoch {epoch}")
+    for i, (xb, yb) in enumerate(inner):
+        lr = learning_rate(cfg, epoch - 1 + i / steps_per_epoch)
+        for k, v in trainer.step(xb, yb, lr, der_on, diagnosed(cfg, i), step_gen).items():
+            acc[k] = acc.get(k, 0) + v
+    return acc
+
+
+def epoch_row(trainer: Trainer, acc: dict[str, Tensor | int], val: Split, epoch: int, der_on: bool, es: int,
+              t0: float) -> dict:
+    """The history row (HISTORY_COLUMNS) of a finished epoch begun at `t0`: the SUMS of every rank, validation."""
+    cfg, device = trainer.cfg, trainer.device
+    sums = torch.stack([torch.as_tensor(acc.get(k, 0), device=device, dtype=torch.float64) for k in SUMS])
+    totals = dict(zip(SUMS, distributed.all_sum(sums).tolist()))
+    val_clean, val_pgd = validate(trainer.model, val, cfg, device, es)
+    # lr at mid-epoch: for piecewise schedules, the LR the whole epoch used
+    row = {"epoch": epoch, "lr": learning_rate(cfg, epoch - 0.5), **history_row(totals, trainer.method.adversarial),
+           "val_clean_acc": val_clean, "val_pgd_acc": val_pgd, "der_on": int(der_on),
+           "seconds": time.perf_counter() - t0}
+    return {k: row[k] for k in HISTORY_COLUMNS}
+
+
 def fit(model: nn.Module, train: Split, val: Split, run: RunCfg, use_der: bool, device: torch.device, seed: int,
         resume: dict | None = None, on_epoch_end: EpochCallback | None = None, augmentation: str = "none",
         cuda_graphs: bool = True) -> list[dict]:
     """Train `model` for `run.train.epochs` epochs; returns the per-epoch history (rows of HISTORY_COLUMNS).
 
     `resume`: {"epoch", "history", "model", "optimizer"} as passed to `on_epoch_end` after an earlier epoch.
-    `on_epoch_end` receives that dict plus "row" and "is_best" after every epoch, on every rank (the caller
-    writes on rank 0). A DER run's best epoch is chosen among its epochs with DER on, so that its `best`
-    checkpoint is always a DER model. `cuda_graphs`: on a CUDA device in one process, replay each step's forward
-    and backward from CUDA graphs (step_graphs.py; the same kernels, without issuing them one by one).
+    `on_epoch_end` receives that dict plus "row" and "is_best" (`BestEpoch`) after every epoch, on every rank (the
+    caller writes on rank 0). `cuda_graphs`: on a CUDA device in one process, replay each step's forward and
+    backward from CUDA graphs (step_graphs.py; the same kernels, without issuing them one by one).
     """
     cfg = run.train
     trainer = Trainer(model, run, device, augmentation, cuda_graphs)
-    method, opt = trainer.method, trainer.optimizer
-    history: list[dict] = []
-    start = 0
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        history, start = list(resume["history"]), int(resume["epoch"])
-    # checkpoint selection: validation PGD accuracy for adversarial training, clean accuracy for `standard`
-    select = "val_pgd_acc" if method.adversarial else "val_clean_acc"
-    eligible = (lambda r: bool(r["der_on"])) if use_der else (lambda r: True)
-    best = max((r[select] for r in history if eligible(r)), default=-1.0)
-
-    x_train, y_train = train.x, train.y
-    if cfg.n_train:
-        x_train, y_train = x_train[: cfg.n_train], y_train[: cfg.n_train]
-    x_train, y_train = x_train.to(device), y_train.to(device)
-    steps_per_epoch = math.ceil(x_train.shape[0] / cfg.batch_size)
+    history, start = restore(model, trainer.optimizer, resume)
+    best = BestEpoch(trainer.method.adversarial, use_der, history)
+    x_train, y_train = training_images(train, cfg, device)
     bar = progress(total=cfg.epochs, initial=start, desc=f"{run.name} epochs")
     for epoch in range(start + 1, cfg.epochs + 1):
-        es = epoch_seed(seed, epoch)
-        torch.manual_seed(es)
-        order_gen = torch.Generator(device="cpu").manual_seed(es)
-        step_gen = torch.Generator(device=device).manual_seed(es)
-        der_on = use_der and method.adversarial and (method.single_step or run.der.active(epoch, cfg.epochs))
-        acc: dict[str, Tensor | int] = {}
-        t0 = time.perf_counter()
-        model.train()
-        inner = progress(batches(x_train, y_train, cfg.batch_size, shuffle=True, generator=order_gen),
-                         total=steps_per_epoch, desc=f"epoch {epoch}")
-        for i, (xb, yb) in enumerate(inner):
-            lr = learning_rate(cfg, epoch - 1 + i / steps_per_epoch)
-            for k, v in trainer.step(xb, yb, lr, der_on, diagnosed(cfg, i), step_gen).items():
-                acc[k] = acc.get(k, 0) + v  # device tensors stay on the device: no sync per step
+        es, der_on, t0 = epoch_seed(seed, epoch), der_active(run, use_der, epoch), time.perf_counter()
+        acc = train_epoch(trainer, x_train, y_train, epoch, der_on, es)
         if not all(torch.isfinite(p).all() for p in model.parameters()):
             raise UserError(f"{run.name}: weights became non-finite in epoch {epoch}; lower lr_max (now {cfg.lr_max})")
-        sums = torch.stack([torch.as_tensor(acc.get(k, 0), device=device, dtype=torch.float64) for k in SUMS])
-        totals = dict(zip(SUMS, distributed.all_sum(sums).tolist()))
-        val_clean, val_pgd = validate(model, val, cfg, device, es)
-        # lr at mid-epoch: for piecewise schedules, the LR the whole epoch used
-        row = {"epoch": epoch, "lr": learning_rate(cfg, epoch - 0.5), **history_row(totals, method.adversarial),
-               "val_clean_acc": val_clean, "val_pgd_acc": val_pgd, "der_on": int(der_on),
-               "seconds": time.perf_counter() - t0}
-        history.append({k: row[k] for k in HISTORY_COLUMNS})
-        is_best = eligible(row) and row[select] > best
-        if is_best:
-            best = row[select]
+        history.append(row := epoch_row(trainer, acc, val, epoch, der_on, es, t0))
+        is_best = best.update(row)
         bar.update(1)
-        bar.set_postfix(clean=f"{val_clean:.3f}", pgd=f"{val_pgd:.3f}", aae=f"{row['aae_frac']:.2f}")
+        bar.set_postfix(clean=f"{row['val_clean_acc']:.3f}", pgd=f"{row['val_pgd_acc']:.3f}",
+                        aae=f"{row['aae_frac']:.2f}")
         if on_epoch_end is not None:
-            on_epoch_end({"epoch": epoch, "history": list(history), "row": history[-1], "is_best": is_best,
-                          "model": model.state_dict(), "optimizer": opt.state_dict()})
+            on_epoch_end({"epoch": epoch, "history": list(history), "row": row, "is_best": is_best,
+                          "model": model.state_dict(), "optimizer": trainer.optimizer.state_dict()})
     bar.close()
     return history

@@ -7,19 +7,22 @@ code) on the first `evaluate.apgd_examples` of them (all of them when it is larg
 first `evaluate.aa_examples`. Where APGD covers AutoAttack's images, its blocks are cut at aa_examples and
 AutoAttack continues from them (`robustness.autoattack_after_apgd`: its APGD-CE and APGD-T are the APGD run's calls
 on the same blocks, FAB-T and Square run on what they leave standing; the flags of a standard call, tested).
-`worst` covers the first max(apgd_examples, aa_examples) images, the images that every gradient attack ran on
-(AutoAttack contains APGD-CE and APGD-T with the same settings): an image counts as robust when the model classifies
-it correctly clean and under every PGD-k (each restart), APGD (where it ran) and AutoAttack (where it ran). Writes
+The worst cases are taken over the attacks that ran on the same images (`reporting/flags.py` recomputes them from
+the flags): `worst` on the images every attack ran on, AutoAttack's when it ran (it contains APGD-CE and APGD-T with
+the same settings), else APGD's: an image counts as robust when the model classifies it correctly clean and under
+every PGD-k (each restart), APGD (where it ran) and AutoAttack; `pgd_apgd`, where AutoAttack and APGD both ran, on
+APGD's images: correct clean and under every PGD-k and APGD. Writes
 - metrics/eval/<run>.<variant>.json: flat keys such as `best.pgd50_acc` with its Wilson 95 % interval
-  (`best.pgd50_acc_lo`, `best.pgd50_acc_hi`), `best.apgd_acc`, `best.worst_acc`, `last.aa_acc`,
+  (`best.pgd50_acc_lo`, `best.pgd50_acc_hi`), `best.apgd_acc`, `best.worst_acc`, `best.pgd_apgd_acc`, `last.aa_acc`,
   `last.aa.square_acc`, `last.apgd.apgd-t_acc`, `last.aa.warnings`, `last.seconds.square`, the attack check
   (`last.check.*`, below) and the settings read back after the runs (`apgd.*`, `aa.*`);
 - metrics/eval/<run>.<variant>.flags.json: per-example correctness, one '0'/'1' string per checkpoint and
-  evaluation (`best.clean`, `best.pgd50`, `best.apgd`, `best.aa`, `best.worst`, ...), character i = test image i,
+  evaluation (`best.clean`, `best.pgd50`, `best.apgd`, `best.aa`, `best.worst`, `best.pgd_apgd`, ...), character i
+  = test image i,
   so that any two models can be compared pairwise later (report);
 - metrics/eval/<run>.<variant>.autoattack.log: pyautoattack's own log (APGD, then AutoAttack), block by block.
 
-The attack check pairs the strongest PGD (most steps) with APGD / AutoAttack on the worst-case images:
+The attack check pairs the strongest PGD (most steps) with APGD / AutoAttack on the images either ran on:
 `check.pgd_missed` images PGD leaves standing that they break, `check.apgd_missed` the reverse, and `check.p`, the
 exact one-sided binomial test of "PGD is as strong as APGD" on those discordant images; below 0.01 the stage warns
 that the PGD number overstates robustness (report `worst_acc`).
@@ -44,7 +47,7 @@ from ..evaluation import robustness, stats
 from ..infra import distributed
 from ..infra.artifacts import write_json, write_text
 from ..infra.runtime import log, setup
-from ..params import Params, check_test_subset
+from ..params import Params, RunCfg, check_test_subset
 from ..runstate import checkpoint
 from ..science.data import load_prepared, to_float
 
@@ -78,10 +81,12 @@ def attack_check(pgd: Tensor, strong: Tensor) -> dict:
 
 
 def attacked_examples(cfg) -> dict[str, int]:
-    """Images each pyautoattack evaluation covers (a prefix of the n_examples): `apgd` (apgd_examples, at most
-    n_examples), `aa` (0: not run) and `worst`, the images every gradient attack ran on."""
+    """Images each evaluation covers (a prefix of the n_examples; 0: not run): `apgd` (apgd_examples, at most
+    n_examples), `aa`, `check` (the attack check: the images APGD or AutoAttack ran on), `worst` (the images every
+    attack ran on: AutoAttack's, else APGD's) and `pgd_apgd` (APGD's, where AutoAttack ran as well)."""
     n_apgd, n_aa = min(cfg.apgd_examples, cfg.n_examples), cfg.aa_examples if cfg.autoattack else 0
-    return {"apgd": n_apgd, "aa": n_aa, "worst": max(n_apgd, n_aa)}
+    return {"apgd": n_apgd, "aa": n_aa, "check": max(n_apgd, n_aa), "worst": n_aa or n_apgd,
+            "pgd_apgd": n_apgd if n_aa else 0}
 
 
 def strong_attacks(cfg) -> str:
@@ -92,7 +97,8 @@ def strong_attacks(cfg) -> str:
 
 def evaluate_model(model, x, y, eps: float, params: Params) -> dict:
     """Flags, flat metrics and pyautoattack results of one model on (x, y): APGD on the first apgd_examples,
-    AutoAttack on the first aa_examples, the worst case and the attack check on the first max of the two."""
+    AutoAttack on the first aa_examples, the attack check on the first max of the two, the worst cases
+    (`attacked_examples`)."""
     cfg = params.evaluate
     n_att = attacked_examples(cfg)
     flags, out, seconds, results = {}, {}, {}, {}
@@ -128,81 +134,117 @@ def evaluate_model(model, x, y, eps: float, params: Params) -> dict:
             out.update(accuracy_metrics(f"{name}.{attack}_acc", count, n))
         out[f"{name}.warnings"] = result.warnings
         results[name] = result
-    if n := n_att["worst"]:
+    if n := n_att["check"]:
         strong = robustness.worst_case({name: flags[name] for name in results}, n)
         check = attack_check(flags[f"pgd{max(cfg.pgd_steps)}"][:n], strong)
-        flags["worst"] = robustness.worst_case(flags, n)
         out.update({"check.n": check["n"], "check.pgd_missed": check["pgd_missed"],
                     "check.apgd_missed": check["apgd_missed"], "check.p": float(f"{check['p']:.4g}")})
+        every = dict(flags)  # clean, each PGD-k, APGD, AutoAttack
+        flags["worst"] = robustness.worst_case(every, n_att["worst"])
+        if n := n_att["pgd_apgd"]:
+            flags["pgd_apgd"] = robustness.worst_case({k: f for k, f in every.items() if k != "aa"}, n)
     for name, f in flags.items():
         out.update(accuracy_metrics(f"{name}_acc", int(f.sum()), len(f)))
     out.update({f"seconds.{k}": round(v, 1) for k, v in seconds.items()})
     return {"flags": flags, "metrics": out, "results": results}
 
 
+def load_checkpoints(params: Params, rc: RunCfg, run_name: str, variant: str, data_meta: dict) -> dict[str, tuple]:
+    """{checkpoint: (model, meta)} of the run `rc`, every one checked against its model and the prepared data before
+    any attack runs."""
+    expect = {**checkpoint.model_id(rc.model), "run": run_name, "variant": variant,
+              **{k: data_meta[k] for k in ("dataset", "num_classes", "channels", "size")}}
+    return {ck: checkpoint.load(path, expect) for ck, path in checkpoint_paths(params, run_name, variant).items()}
+
+
+def file_heads(params: Params, rc: RunCfg, run_name: str, variant: str, data_meta: dict) -> tuple[dict, dict]:
+    """The leading keys of the metrics and of the flag file: what is evaluated, on which images, at which eps."""
+    cfg, n_att = params.evaluate, attacked_examples(params.evaluate)
+    n, eps = cfg.n_examples, rc.train.eps
+    metrics = {"run": run_name, "variant": variant, "method": rc.train.method, "eps": eps, "n_examples": n,
+               "apgd_examples": n_att["apgd"], "aa_examples": n_att["aa"], "worst_examples": n_att["worst"],
+               "pgd_apgd_examples": n_att["pgd_apgd"], "restarts": cfg.restarts}
+    flag_file = {"format": FLAGS_FORMAT, "run": run_name, "variant": variant, "split": "test",
+                 "test_sha256": data_meta["files"]["test"], "n": n, "apgd_n": n_att["apgd"], "aa_n": n_att["aa"],
+                 "worst_n": n_att["worst"], "pgd_apgd_n": n_att["pgd_apgd"], "eps": eps}
+    return metrics, flag_file
+
+
+def first_with_weights(loaded: dict[str, tuple]) -> dict[str, str]:
+    """{sha256: the first checkpoint with those weights}: best is often the last epoch, with the same numbers."""
+    first: dict[str, str] = {}
+    for ck, (_, meta) in loaded.items():
+        first.setdefault(meta["sha256"], ck)
+    return first
+
+
+def evaluate_checkpoint(where: str, ck: str, model, meta: dict, x: Tensor, y: Tensor, eps: float,
+                        params: Params, device) -> dict:
+    """`evaluate_model` of one checkpoint, its tensors moved to the CPU (`distributed.map_units` gathers them)."""
+    n_att = attacked_examples(params.evaluate)
+    log(f"{where}: {ck} (epoch {meta.get('epoch')}), {params.evaluate.n_examples} test images "
+        f"({n_att['apgd']} with APGD, {n_att['aa']} with AutoAttack), eps {eps:g}")
+    result = evaluate_model(model.to(device).eval(), x, y, eps, params)
+    return {**result, "flags": {name: f.cpu() for name, f in result["flags"].items()},
+            "results": {name: replace(r, robust=r.robust.cpu()) for name, r in result["results"].items()}}
+
+
+def attack_logs(evaluated: dict[str, dict], cfg) -> tuple[list[str], dict]:
+    """pyautoattack's log lines of every evaluated checkpoint under a title each, and the attacks' settings read
+    back after the runs (`apgd.*`, `aa.*`)."""
+    n_att = attacked_examples(cfg)
+    titles = {"apgd": f"APGD-CE + APGD-T, first {n_att['apgd']} images",
+              "aa": f"standard AutoAttack, first {n_att['aa']} images"}
+    logs, settings = [], {}
+    for ck, result in evaluated.items():
+        for name, attacked in result["results"].items():
+            logs += [f"== {ck}: {titles[name]}", *attacked.log]
+            settings.update({f"{name}.{k}": ",".join(v) if isinstance(v, list) else v
+                             for k, v in attacked.settings.items()})
+    return logs, settings
+
+
+def report_checkpoint(where: str, ck: str, m: dict, cfg, attack_log: Path) -> None:
+    """Log one checkpoint's accuracies, pyautoattack's warnings and a failed attack check."""
+    log(f"{where}: {ck} clean {m['clean_acc']:.4f} "
+        + " ".join(f"pgd{s} {m[f'pgd{s}_acc']:.4f}" for s in cfg.pgd_steps)
+        + "".join(f" {name} {m[f'{name}_acc']:.4f} ({m[f'seconds.{name}']:.0f}s)" for name in ("apgd", "aa")
+                  if f"{name}_acc" in m)
+        + (f" worst {m['worst_acc']:.4f}" if "worst_acc" in m else ""))
+    for name, title in (("apgd", "APGD"), ("aa", "AutoAttack")):
+        if m.get(f"{name}.warnings"):
+            log(f"{where}: warning: {ck}: {title} raised {m[f'{name}.warnings']} warning(s), see {attack_log}")
+    if m.get("check.p", 1.0) < CHECK_ALPHA:
+        log(f"{where}: warning: {ck}: PGD missed {m['check.pgd_missed']} images that "
+            f"{strong_attacks(cfg)} broke (p = {m['check.p']:.2g}): report worst_acc")
+
+
 def run(params: Params, run_name: str, variant: str) -> None:
-    cfg = params.evaluate
+    cfg, where = params.evaluate, f"evaluate {run_name}/{variant}"
     rc = params.variant_run(run_name, variant)
     device = setup(params)
     splits, data_meta = load_prepared()
     check_test_subset("evaluate.n_examples", cfg.n_examples, data_meta["counts"])
     test = splits["test"]
-    expect = {**checkpoint.model_id(rc.model), "run": run_name, "variant": variant,
-              **{k: data_meta[k] for k in ("dataset", "num_classes", "channels", "size")}}
-    loaded = {ck: checkpoint.load(path, expect) for ck, path in checkpoint_paths(params, run_name, variant).items()}
-
-    n, n_att = cfg.n_examples, attacked_examples(cfg)
-    x, y = to_float(test.x[:n], device), test.y[:n].to(device)
-    eps = rc.train.eps
-    metrics = {"run": run_name, "variant": variant, "method": rc.train.method, "eps": eps, "n_examples": n,
-               "apgd_examples": n_att["apgd"], "aa_examples": n_att["aa"], "worst_examples": n_att["worst"],
-               "restarts": cfg.restarts}
-    flag_file = {"format": FLAGS_FORMAT, "run": run_name, "variant": variant, "split": "test",
-                 "test_sha256": data_meta["files"]["test"], "n": n, "apgd_n": n_att["apgd"], "aa_n": n_att["aa"],
-                 "worst_n": n_att["worst"], "eps": eps}
-    titles = {"apgd": f"APGD-CE + APGD-T, first {n_att['apgd']} images",
-              "aa": f"standard AutoAttack, first {n_att['aa']} images"}
-    first = {}  # sha256 -> the first checkpoint with those weights: best is often the last epoch, same numbers
-    for ck, (_, meta) in loaded.items():
-        first.setdefault(meta["sha256"], ck)
-
-    def evaluate_checkpoint(ck: str) -> dict:
-        model, meta = loaded[ck]
-        log(f"evaluate {run_name}/{variant}: {ck} (epoch {meta.get('epoch')}), {n} test images "
-            f"({n_att['apgd']} with APGD, {n_att['aa']} with AutoAttack), eps {eps:g}")
-        result = evaluate_model(model.to(device).eval(), x, y, eps, params)
-        return {**result, "flags": {name: f.cpu() for name, f in result["flags"].items()},
-                "results": {name: replace(r, robust=r.robust.cpu()) for name, r in result["results"].items()}}
-
+    loaded = load_checkpoints(params, rc, run_name, variant, data_meta)
+    x, y = to_float(test.x[:cfg.n_examples], device), test.y[:cfg.n_examples].to(device)
+    metrics, flag_file = file_heads(params, rc, run_name, variant, data_meta)
+    first = first_with_weights(loaded)
     # one checkpoint per rank when there are enough of them (distributed.map_units); the same numbers on 1 or N
-    evaluated = distributed.map_units(evaluate_checkpoint, list(first.values()))
-    logs = []
-    for ck, result in evaluated.items():
-        for name, attacked in result["results"].items():
-            logs += [f"== {ck}: {titles[name]}", *attacked.log]
-            metrics.update({f"{name}.{k}": ",".join(v) if isinstance(v, list) else v
-                            for k, v in attacked.settings.items()})
-    for ck, (model, meta) in loaded.items():
+    evaluated = distributed.map_units(
+        lambda ck: evaluate_checkpoint(where, ck, *loaded[ck], x, y, rc.train.eps, params, device),
+        list(first.values()))
+    logs, settings = attack_logs(evaluated, cfg)
+    metrics.update(settings)
+    for ck, (_, meta) in loaded.items():
         if first[meta["sha256"]] != ck:
-            log(f"evaluate {run_name}/{variant}: {ck} has the same weights as {first[meta['sha256']]}; reusing")
+            log(f"{where}: {ck} has the same weights as {first[meta['sha256']]}; reusing")
         result = evaluated[first[meta["sha256"]]]
         metrics.update({f"{ck}.{k}": v for k, v in result["metrics"].items()})
         metrics[f"{ck}.epoch"] = meta.get("epoch")
         flag_file.update({f"{ck}.{name}": flag_string(f) for name, f in result["flags"].items()})
         flag_file[f"{ck}.epoch"] = meta.get("epoch")
-        m = result["metrics"]
-        log(f"evaluate {run_name}/{variant}: {ck} clean {m['clean_acc']:.4f} "
-            + " ".join(f"pgd{s} {m[f'pgd{s}_acc']:.4f}" for s in cfg.pgd_steps)
-            + "".join(f" {name} {m[f'{name}_acc']:.4f} ({m[f'seconds.{name}']:.0f}s)" for name in ("apgd", "aa")
-                      if f"{name}_acc" in m)
-            + (f" worst {m['worst_acc']:.4f}" if "worst_acc" in m else ""))
-        for name, title in (("apgd", "APGD"), ("aa", "AutoAttack")):
-            if m.get(f"{name}.warnings"):
-                log(f"evaluate {run_name}/{variant}: warning: {ck}: {title} raised {m[f'{name}.warnings']} "
-                    f"warning(s), see {OUT}/{run_name}.{variant}.autoattack.log")
-        if m.get("check.p", 1.0) < CHECK_ALPHA:
-            log(f"evaluate {run_name}/{variant}: warning: {ck}: PGD missed {m['check.pgd_missed']} images that "
-                f"{strong_attacks(cfg)} broke (p = {m['check.p']:.2g}): report worst_acc")
+        report_checkpoint(where, ck, result["metrics"], cfg, OUT / f"{run_name}.{variant}.autoattack.log")
     if distributed.context().main:
         write_text(OUT / f"{run_name}.{variant}.autoattack.log", "\n".join(logs) + "\n")
         write_json(OUT / f"{run_name}.{variant}.flags.json", flag_file)
