@@ -24,7 +24,7 @@ from test_pipeline import ROOT, synthetic_tarball
 
 from energyat import cli
 from energyat.science.training import Trainer
-from energyat.stages.train import state_path
+from energyat.runstate.resume import state_path
 
 RUN, VARIANT, EPOCHS = "crash", "der", 6
 OUT = Path("models") / VARIANT / RUN
@@ -81,6 +81,21 @@ def kill_before_rename(name: str, nth: int):
 
         def replace(src, dst, *args, **kwargs):
             if Path(dst).name == name and next(seen) == nth:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(src, dst, *args, **kwargs)
+
+        os.replace = replace
+    return arm
+
+
+def kill_before_snapshot():
+    """SIGKILL a base run just before it renames its fork snapshot (.energyat/fork/<run>/<key>.pt) into place: the
+    state of the epoch before DER's start is committed, the snapshot's temporary file complete."""
+    def arm():
+        real = os.replace
+
+        def replace(src, dst, *args, **kwargs):
+            if Path(dst).parent.parent.name == "fork":
                 os.kill(os.getpid(), signal.SIGKILL)
             return real(src, dst, *args, **kwargs)
 
@@ -291,12 +306,18 @@ def test_killed_two_process_run_resumes_to_the_uninterrupted_result(workspace, c
     assert 1 <= done < EPOCHS
     assert kill_rank_after(work, train(work, nproc=2), 0, done + 1, rng.uniform(0, 0.1)) != 0
     assert epochs_done(work) < EPOCHS
-    assert finish(train(work, nproc=1)) == 0  # and the rest in one process
+    assert finish(train(work, nproc=2)) == 0  # and the rest on two ranks again
     log = capfd.readouterr().err
     assert "corrupt" not in log and "afresh" not in log, log
     assert strays(work) == []
-
     assert_close_to_reference(work, base, reference)
+
+    # the same params and code on one rank: a 2-rank state (CPU BatchNorm normalises per rank) is not resumed
+    assert finish(train(work, nproc=1)) == 0
+    log = capfd.readouterr().err.splitlines()
+    assert f"train {RUN}/{VARIANT}: the execution changed since the saved state (world 2 -> 1); starting afresh" in log
+    assert not any("resuming" in line for line in log)
+    assert outputs(work) == reference
 
 
 def assert_close_to_reference(work: Path, base: Path, reference: dict) -> None:
@@ -315,11 +336,13 @@ def assert_close_to_reference(work: Path, base: Path, reference: dict) -> None:
 
 def test_der_run_forked_from_the_base_run_on_two_ranks_or_killed_after_the_fork(workspace, capfd):
     """The der run starts from the base run's state after epoch 2 (DER from epoch 3): every rank of a two-process
-    run resumes from it, and a kill just after the fork resumes to the bytes of the run from scratch."""
+    run resumes from it (the snapshot of a two-process base run: the fork key names the ranks), a kill inside the
+    snapshot's write is repaired by the resumed base run, and a kill just after the fork resumes to the bytes of the
+    run from scratch."""
     base, reference = workspace
     fork_line = f"train {RUN}/{VARIANT}: starting from the base run's state after epoch 2 (fork)"
     work = clone(base, "fork-two")
-    assert finish(start(work, "train", RUN, "base")) == 0
+    assert finish(start(work, "--nproc", "2", "train", RUN, "base")) == 0
     capfd.readouterr()
     assert finish(train(work, nproc=2)) == 0
     log = capfd.readouterr().err.splitlines()
@@ -329,8 +352,13 @@ def test_der_run_forked_from_the_base_run_on_two_ranks_or_killed_after_the_fork(
     assert_close_to_reference(work, base, reference)
 
     work = clone(base, "fork-killed")
-    # the fork cache, as a second checkout might have it (not the der run's own state beside it)
-    shutil.copytree(base / "fork-two/.energyat/fork", work / ".energyat/fork")
+    snapshots = work / ".energyat/fork" / RUN
+    assert finish(start(work, "train", RUN, "base", fault=kill_before_snapshot())) == KILLED
+    assert [p.name.endswith(".tmp") for p in snapshots.iterdir()] == [True]  # a whole temporary file, no snapshot
+    capfd.readouterr()
+    assert finish(start(work, "train", RUN, "base")) == 0
+    assert f"train {RUN}/base: resuming after epoch 2/{EPOCHS}" in capfd.readouterr().err.splitlines()
+    assert [p.suffix for p in snapshots.iterdir()] == [".pt"]  # taken from the resumed state; the stray removed
     assert finish(train(work, fault=kill_at_step(1))) == KILLED  # the fork's state.pt is committed, then killed
     assert fork_line in capfd.readouterr().err.splitlines()
     assert finish(train(work)) == 0

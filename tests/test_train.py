@@ -9,6 +9,7 @@ import torch
 from conftest import make_task, tiny_model
 
 from energyat import params as P
+from energyat.runstate.resume import state_path
 from energyat.science.data import Split
 from energyat.science.overfitting import summarize
 from energyat.science.training import HISTORY_COLUMNS, fit, learning_rate
@@ -238,7 +239,7 @@ def test_train_stage_resumes_from_its_state_file(splits, tmp_path, monkeypatch):
     # the resume state lives outside the DVC output (models/der/co holds the checkpoints only)
     assert sorted(p.name for p in (tmp_path / "models/der/co").iterdir()) == ["best.json", "best.pt", "last.json",
                                                                              "last.pt"]
-    train_stage.state_path("der", "co").unlink()  # start the second run from scratch
+    state_path("der", "co").unlink()  # start the second run from scratch
     monkeypatch.setattr(train_stage, "fit", fit_interrupted)
     with pytest.raises(KeyboardInterrupt):
         train_stage.run(params, "co", "der")

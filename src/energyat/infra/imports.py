@@ -1,11 +1,13 @@
 """Which project modules a stage runs: the transitive closure of its imports, read from the source (ast).
 
 dvc.yaml must list each stage's closure as deps (a test checks it), and the train stage hashes the same files
-into its resume digest, so that a change to any code a stage runs re-runs it and never resumes across it.
+into its resume digest (`code_digest`), so that a change to any code a stage runs re-runs it and never resumes
+across it.
 """
 from __future__ import annotations
 
 import ast
+import hashlib
 from pathlib import Path
 
 PACKAGE = "energyat"
@@ -72,3 +74,20 @@ def stage_closure(stage_module: str) -> list[Path]:
 def relative(paths: list[Path], start: Path) -> list[str]:
     """`paths` as POSIX paths relative to `start` (e.g. the repository root, for dvc.yaml)."""
     return [p.relative_to(start).as_posix() for p in paths]
+
+
+def package_files() -> list[Path]:
+    """Every source file of the package, sorted."""
+    return sorted(ROOT.rglob("*.py"))
+
+
+def code_digest(paths: list[Path], root: Path = ROOT) -> str:
+    """The code that `paths` hold, in 16 hex digits: the sha256 of each file's POSIX path relative to `root` and its
+    bytes, in sorted order, so that an edit, a rename or a file added or dropped changes it. The train stage digests
+    its import closure (`stage_closure`: a saved state is resumed only by the code that wrote it), the paper blocks
+    every package source (`package_files`: evidence names the code that produced it)."""
+    h = hashlib.sha256()
+    for path in sorted(paths):
+        h.update(path.relative_to(root).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
