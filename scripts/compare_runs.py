@@ -4,7 +4,7 @@ floating-point kernels differ in their last bits and training takes another path
 Each source is a folder laid out like the repository (metrics/eval/*.flags.json and *.json, metrics/train/*.json,
 metrics/headline/run/gen.*.json) or `git:<revision>` for the files committed there. Per model and checkpoint, every
 accuracy both runs have flags for is compared on the same test images: b − a with Newcombe's paired 95 % interval
-and the exact McNemar p-value (report.paired); the training summaries (best and CO epochs) and the generation
+and the exact McNemar p-value (reporting/tables.paired); the training summaries (best and CO epochs) and the generation
 metrics (one model each, no interval) are listed beside them. Prints Markdown. Usage:
 
     python scripts/compare_runs.py A B [--labels "AMD EPYC" "Intel Xeon"]
@@ -17,9 +17,10 @@ import subprocess
 from pathlib import Path
 
 from energyat.evaluation import stats
+from energyat.reporting import flags
 from energyat.reporting.tables import paired
 
-METRICS = ("clean", "pgd50", "apgd", "aa", "worst")
+METRICS = ("clean", "pgd50", "apgd", "aa", "pgd_apgd", "worst")
 
 
 class Source:
@@ -56,8 +57,8 @@ def evaluation_rows(a: Source, b: Source) -> list[str]:
         for ck in ("best", "last"):
             diffs = paired(fa, ck, fb, ck, list(METRICS))
             for metric, d in diffs.items():
-                flags_a = [c == "1" for c in fa[f"{ck}.{metric}"]]
-                flags_b = [c == "1" for c in fb[f"{ck}.{metric}"]]
+                flags_a = flags.accuracy_vector(fa, ck, metric)
+                flags_b = flags.accuracy_vector(fb, ck, metric)
                 rows.append(f"| {model} | {ck} ({fa.get(f'{ck}.epoch')} / {fb.get(f'{ck}.epoch')}) | {metric} | "
                             f"{d['n']} | {pct(flags_a)} | {pct(flags_b)} | {stats.fmt_diff(d)} |")
     return rows

@@ -1,11 +1,13 @@
 """The CO study's DER − base differences over seeds: paired, Holm-adjusted, with per-seed McNemar p."""
 import pytest
 
+from energyat.errors import UserError
 from energyat.studies import co_study
 
 
 def _cell(run, variant, values, eps=0.3):
-    seeds = [{"seed": i, "rev": f"{run}{variant}{i}", "pgd50_acc": v, "clean_acc": 0.7} for i, v in enumerate(values)]
+    seeds = [{"seed": i, "name": f"co-s{i}", "rev": f"{run}{variant}{i}", "pgd50_acc": v, "clean_acc": 0.7}
+             for i, v in enumerate(values)]
     return {"run": run, "variant": variant, "eps": eps, "label": f"{run} {variant}", "seeds": seeds}
 
 
@@ -13,7 +15,8 @@ def test_der_gains_pair_the_seeds_and_holm_adjust_over_the_setting():
     cells = [_cell("fgsm", "base", [0.0, 0.0, 0.0]), _cell("fgsm", "der", [0.062, 0.086, 0.026]),
              _cell("rs", "base", [0.10, 0.20, 0.30]), _cell("rs", "der", [0.11, 0.22, 0.33]),
              _cell("n", "base", [0.2, 0.2, 0.2])]  # no DER twin: no difference
-    flags = {("fgsmbase0", "fgsm", "base"): {"last.pgd50": "0000"}, ("fgsmder0", "fgsm", "der"): {"last.pgd50": "1110"}}
+    flags = {("fgsmbase0", "fgsm", "base"): {"test_sha256": "abc", "last.pgd50": "0000"},
+             ("fgsmder0", "fgsm", "der"): {"test_sha256": "abc", "last.pgd50": "1110"}}
     gains = co_study.der_gains(cells, "pgd50_acc", flags)
     assert [(d["run"], d["seeds"]) for d in gains] == [("fgsm", [0, 1, 2]), ("rs", [0, 1, 2])]
     fgsm, rs = (d["metrics"]["pgd50_acc"] for d in gains)
@@ -27,3 +30,16 @@ def test_der_gains_pair_the_seeds_and_holm_adjust_over_the_setting():
     assert "| fgsm der | 0.3 | +0.0 [+0.0, +0.0]" in text[4]
     assert "+5.8 [-1.7, +13.3], p 0.080 (Holm 0.148)" in text[4]
     assert "- fgsm der, ε = 0.3, PGD-50: seed 0: +6.2 (p 0.250), seed 1: +8.6, seed 2: +2.6" in text
+
+
+def test_der_gains_refuse_flags_of_another_test_split():
+    cells = [_cell("fgsm", "base", [0.0]), _cell("fgsm", "der", [0.062])]
+    flags = {("fgsmbase0", "fgsm", "base"): {"test_sha256": "abc", "last.pgd50": "0000"},
+             ("fgsmder0", "fgsm", "der"): {"test_sha256": "def", "last.pgd50": "1110"}}
+    with pytest.raises(UserError, match=r"^co-s0: metrics/eval/fgsm\.base\.flags\.json and co-s0: "
+                                        r"metrics/eval/fgsm\.der\.flags\.json cover different test images "
+                                        r"\(test_sha256 'abc' vs 'def'\)"):
+        co_study.der_gains(cells, "pgd50_acc", flags)
+    flags["fgsmder0", "fgsm", "der"] = {"test_sha256": "abc", "last.pgd50": "11100"}  # another count of its images
+    with pytest.raises(UserError, match=r"\(pgd50: the first 4 vs the first 5\)"):
+        co_study.der_gains(cells, "pgd50_acc", flags)

@@ -16,27 +16,30 @@ from energyat.stages import report as report_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {"fgsm": "fgsm", "pgd": "pgd"}
-N, N_AA, N_WORST = 100, 20, 40  # worst case: the first max(apgd_examples, aa_examples) = 40 images
+N, N_AA, N_APGD = 100, 20, 40  # clean and PGD on 100 images, APGD on the first 40, AutoAttack on the first 20
 
 
 def evaluated(eps, warnings: dict | None = None, **counts):
     """An evaluate JSON and its flags file. `counts`: e.g. best=(80, 40, 38, 7) correct images under clean, PGD-20,
-    PGD-50 (of N) and AutoAttack (of the first N_AA); each flag string is that many 1s followed by 0s, so that two
-    models' flags differ only in the images between their counts (only one side is ever right alone). The worst case
-    on the first N_WORST images is their per-image AND (AutoAttack on its first N_AA): for (80, 40, 38, 7) images
-    0-6 and 20-37, 25 of 40."""
-    ev = {"eps": eps, "n_examples": N, "aa_examples": N_AA, "apgd_examples": N_WORST, "worst_examples": N_WORST,
+    PGD-50 (of N) and AutoAttack (of the first N_AA); APGD leaves two fewer of the first N_APGD than PGD-50. Each flag
+    string is that many 1s followed by 0s, so that two models' flags differ only in the images between their counts
+    (only one side is ever right alone). The worst cases: on AutoAttack's 20 images the per-image AND of every
+    evaluation, on APGD's 40 that of clean, the PGDs and APGD; for (80, 40, 38, 7): 7 of 20 and 36 of 40. The files
+    also hold a stale `worst` over the first 40 (earlier evaluations' definition), which the report ignores."""
+    ev = {"eps": eps, "n_examples": N, "aa_examples": N_AA, "apgd_examples": N_APGD, "worst_examples": N_APGD,
           "restarts": 3}
     fl = {"format": "energyat-flags/1", "run": "r", "variant": "v", "test_sha256": "abc", "n": N, "aa_n": N_AA,
-          "apgd_n": N_WORST, "worst_n": N_WORST}
+          "apgd_n": N_APGD, "worst_n": N_APGD}
     for ck, values in counts.items():
         for name, k in zip(("clean", "pgd20", "pgd50", "aa"), values):
             n = N_AA if name == "aa" else N
             fl[f"{ck}.{name}"] = "1" * k + "0" * (n - k)
+        apgd = max(0, min(values[2], N_APGD) - 2)
+        fl[f"{ck}.apgd"] = "1" * apgd + "0" * (N_APGD - apgd)
         fl[f"{ck}.worst"] = "".join(
             "1" if all(fl[f"{ck}.{name}"][i] == "1" for name in ("clean", "pgd20", "pgd50"))
-            and (i >= N_AA or fl[f"{ck}.aa"][i] == "1") else "0" for i in range(N_WORST))
-        for name in ("clean", "pgd20", "pgd50", "aa", "worst"):
+            and (i >= N_AA or fl[f"{ck}.aa"][i] == "1") else "0" for i in range(N_APGD))
+        for name in ("clean", "pgd20", "pgd50", "apgd", "aa", "worst"):
             k, n = fl[f"{ck}.{name}"].count("1"), len(fl[f"{ck}.{name}"])
             lo, hi = stats.wilson(k, n)
             ev.update({f"{ck}.{name}_acc": round(k / n, 4), f"{ck}.{name}_acc_lo": round(lo, 4),
@@ -65,7 +68,7 @@ STANDARD, STANDARD_FLAGS = evaluated(0.1, best=(91, 0, 0, 0), last=(92, 0, 0, 0)
 
 
 def test_summary_keys_are_flat_and_stable():
-    s = tables.summary(METHODS, EVALS, TRAINS, FLAGS, STANDARD, {"gen.pca-local.der.fid": 31.5})
+    s = tables.summary(METHODS, EVALS, TRAINS, FLAGS, STANDARD, {"gen.pca-local.der.fid": 31.5}, STANDARD_FLAGS)
     # accuracies of the final checkpoint (CO) with their Wilson 95 % intervals
     assert (s["co.fgsm.der.aa_acc"], s["co.fgsm.der.aa_acc_lo"], s["co.fgsm.der.aa_acc_hi"]) == (0.4, 0.2188, 0.6134)
     assert (s["co.fgsm.base.clean_acc"], s["co.fgsm.base.clean_acc_lo"], s["co.fgsm.base.clean_acc_hi"]) == \
@@ -79,12 +82,19 @@ def test_summary_keys_are_flat_and_stable():
     assert s["co.fgsm.der_gain.aa_acc_lo"] == 0.1575 and s["co.fgsm.der_gain.aa_acc_hi"] == 0.6134
     assert (s["co.fgsm.der_gain.clean_acc"], s["co.fgsm.der_gain.clean_acc_p"]) == (-0.13, 0.0002441)
     assert (s["co.fgsm.der_gain.clean_acc_lo"], s["co.fgsm.der_gain.clean_acc_hi"]) == (-0.2056, -0.0623)
-    # Holm over the CO table's family (clean, PGD-50, AA, worst case of the one CO run): clean is 3rd smallest -> 2 p
-    assert s["co.fgsm.der_gain.clean_acc_p_holm"] == 0.0004883 and s["co.fgsm.der_gain.aa_acc_p_holm"] == 0.007812
-    # worst case on the first 40 images: base none, DER images 0-7 and 20-39 (AA broke 8-19); 2nd smallest p -> 3 p
-    assert (s["co.fgsm.base.worst_acc"], s["co.fgsm.der.worst_acc"], s["co.fgsm.der.worst_acc_lo"]) == (0, 0.7, 0.5457)
-    assert (s["co.fgsm.der_gain.worst_acc"], s["co.fgsm.der_gain.worst_acc_p"]) == (0.7, 7.451e-09)  # 2 / 2^28
-    assert s["co.fgsm.der_gain.worst_acc_p_holm"] == 2.235e-08
+    # Holm over the CO table's family (clean, PGD-50, PGD-50 + APGD, AA, worst case of the one CO run): clean is 3rd
+    # smallest -> 3 p; AA and the worst case, the largest two, 2 p each (step-down, kept monotone)
+    assert s["co.fgsm.der_gain.clean_acc_p_holm"] == 0.0007324 and s["co.fgsm.der_gain.aa_acc_p_holm"] == 0.01562
+    # the worst case on AutoAttack's 20 images (not the stale `worst` of the files, over 40): base none, DER images
+    # 0-7, those AutoAttack left; PGD-50 + APGD on APGD's 40: DER images 0-37 (APGD breaks 38 and 39)
+    assert (s["co.fgsm.base.worst_acc"], s["co.fgsm.der.worst_acc"], s["co.fgsm.der.worst_acc_n"]) == (0, 0.4, 20)
+    assert (s["co.fgsm.der.pgd_apgd_acc"], s["co.fgsm.der.pgd_apgd_acc_n"], s["co.fgsm.der.pgd_apgd_acc_lo"]) == \
+        (0.95, 40, 0.835)
+    assert (s["co.fgsm.der_gain.worst_acc"], s["co.fgsm.der_gain.worst_acc_p"]) == (0.4, 0.007812)  # 2 / 2^8
+    assert (s["co.fgsm.der_gain.pgd_apgd_acc"], s["co.fgsm.der_gain.pgd_apgd_acc_p"]) == (0.95, 7.276e-12)  # 2 / 2^38
+    assert s["co.fgsm.der_gain.worst_acc_p_holm"] == 0.01562 and s["co.fgsm.der_gain.worst_acc_n"] == 20
+    # every accuracy and difference names the images it counts
+    assert (s["co.fgsm.der.clean_acc_n"], s["co.fgsm.der.aa_acc_n"], s["co.fgsm.der_gain.clean_acc_n"]) == (100, 20, 100)
     assert "co.fgsm.der_gain.pgd20_acc_p" in s and "co.fgsm.der_gain.pgd20_acc_p_holm" not in s  # not in the table
     assert s["co.fgsm.eps"] == 0.3 and s["co.fgsm.der.aa_warnings"] == 0
     # robust overfitting: both checkpoints, DER gain per checkpoint, best − last per variant
@@ -94,11 +104,11 @@ def test_summary_keys_are_flat_and_stable():
     assert (s["ro.pgd.der_gain.best.clean_acc"], s["ro.pgd.der_gain.best.clean_acc_p"]) == (-0.01, 1.0)
     assert (s["ro.pgd.base.best_minus_last.pgd50_acc"], s["ro.pgd.base.best_minus_last.pgd50_acc_p"]) == \
         (0.09, 0.003906)
-    # Holm over the RO table's 16 Δ cells: the smallest p times 16, the next (0.0156) times 15
-    assert s["ro.pgd.base.best_minus_last.pgd50_acc_p_holm"] == 0.0625
-    assert s["ro.pgd.der_gain.last.pgd50_acc_p_holm"] == 0.2344 and s["ro.pgd.der_gain.best.clean_acc_p_holm"] == 1.0
-    assert (s["ro.pgd.base.best.worst_acc"], s["ro.pgd.base.last.worst_acc"]) == (0.825, 0.775)
-    assert (s["ro.pgd.base.best_minus_last.worst_acc"], s["ro.pgd.base.best_minus_last.worst_acc_p"]) == (0.05, 0.5)
+    # Holm over the RO table's 20 Δ cells: the smallest p times 20, the next (0.0156) times 19
+    assert s["ro.pgd.base.best_minus_last.pgd50_acc_p_holm"] == 0.07812
+    assert s["ro.pgd.der_gain.last.pgd50_acc_p_holm"] == 0.2969 and s["ro.pgd.der_gain.best.clean_acc_p_holm"] == 1.0
+    assert (s["ro.pgd.base.best.worst_acc"], s["ro.pgd.base.last.worst_acc"]) == (0.65, 0.55)
+    assert (s["ro.pgd.base.best_minus_last.worst_acc"], s["ro.pgd.base.best_minus_last.worst_acc_p"]) == (0.1, 0.5)
     assert (s["ro.pgd.base.best_minus_last.clean_acc"], s["ro.pgd.base.best_minus_last.clean_acc_p"]) == (-0.03, 0.25)
     assert s["ro.pgd.der.best_minus_last.aa_acc"] == 0 and s["ro.pgd.der.best_minus_last.aa_acc_p"] == 1.0
     assert s["ro.pgd.base.robust_overfitting_gap"] == 0.1 and "ro.pgd.base.co_epoch" not in s
@@ -106,7 +116,8 @@ def test_summary_keys_are_flat_and_stable():
     assert (s["n_examples"], s["aa_examples"]) == (100, 20)
     assert s["gen.pca-local.der.fid"] == 31.5
     assert not any(isinstance(v, dict) for v in s.values())
-    assert not any("seconds" in k or "apgd" in k or "check." in k for k in s)  # APGD alone: a worst-case component
+    # APGD alone: a component of the worst cases, like AutoAttack's per-attack accuracies
+    assert not any("seconds" in k or "apgd_acc" in k.replace("pgd_apgd_acc", "") or "check." in k for k in s)
 
 
 def test_paired_differences_have_newcombe_intervals_around_the_difference():
@@ -133,18 +144,20 @@ def test_tables_format_accuracies_from_the_flag_counts_not_the_rounded_bounds():
 
 def test_co_table_in_paper_layout_with_intervals_and_paired_differences():
     assert tables.co_table(METHODS, EVALS, FLAGS) == (
-        "| Method | ε | Clean | PGD-50 | AA | Worst case |\n"
-        "|---|---:|---:|---:|---:|---:|\n"
-        "| FGSM | 0.3 | 90.0 [82.6, 94.5] | 0.0 [0.0, 3.7] | 0.0 [0.0, 16.1] | 0.0 [0.0, 8.8] |\n"
-        "| FGSM + DER | 0.3 | 77.0 [67.8, 84.2] | 45.0 [35.6, 54.8] | 40.0 [21.9, 61.3] | 70.0 [54.6, 81.9] |\n"
+        "| Method | ε | Clean | PGD-50 | PGD-50 + APGD | AA | Worst case |\n"
+        "|---|---:|---:|---:|---:|---:|---:|\n"
+        "| FGSM | 0.3 | 90.0 [82.6, 94.5] | 0.0 [0.0, 3.7] | 0.0 [0.0, 8.8] | 0.0 [0.0, 16.1] | 0.0 [0.0, 16.1] |\n"
+        "| FGSM + DER | 0.3 | 77.0 [67.8, 84.2] | 45.0 [35.6, 54.8] | 95.0 [83.5, 98.6] | 40.0 [21.9, 61.3] "
+        "| 40.0 [21.9, 61.3] |\n"
         "| Δ DER − base | | -13.0 [-20.6, -6.2], p < 0.001 (Holm < 0.001) | +45.0 [+34.9, +54.8], p < 0.001 "
-        "(Holm < 0.001) | +40.0 [+15.8, +61.3], p = 0.008 (Holm 0.008) | +70.0 [+52.3, +81.9], p < 0.001 "
-        "(Holm < 0.001) |\n"
-        "\nAccuracy (%) with its Wilson 95 % interval: clean and PGD on the first 100 test images, AA (standard "
-        "AutoAttack) on the first 20 of them; worst case on the first 40: an image counts when it is classified "
-        "correctly clean and under every PGD, APGD-CE + APGD-T (first 40) and AA; final checkpoint; PGD with 3 random "
-        "starts. Differences (Δ rows) in percentage points on the same images: Newcombe's paired score 95 % interval "
-        "and exact McNemar p-value, Holm-adjusted over the table's 4 Δ cells in brackets.\n")
+        "(Holm < 0.001) | +95.0 [+80.5, +98.6], p < 0.001 (Holm < 0.001) | +40.0 [+15.8, +61.3], p = 0.008 "
+        "(Holm 0.016) | +40.0 [+15.8, +61.3], p = 0.008 (Holm 0.016) |\n"
+        "\nAccuracy (%) with its Wilson 95 % interval: clean and PGD on the first 100 test images; PGD-50 + APGD on "
+        "the first 40 of them (an image counts when it is classified correctly clean and under every PGD and APGD-CE "
+        "+ APGD-T); AA (standard AutoAttack) on the first 20; worst case on those 20, AutoAttack's images: correct "
+        "clean and under every PGD, APGD-CE + APGD-T and AA; final checkpoint; PGD with 3 random starts. Differences "
+        "(Δ rows) in percentage points on the same images: Newcombe's paired score 95 % interval and exact McNemar "
+        "p-value, Holm-adjusted over the table's 5 Δ cells in brackets.\n")
 
 
 def test_ro_table_rows_flag_autoattack_warnings_and_show_missing_cells():
@@ -155,29 +168,34 @@ def test_ro_table_rows_flag_autoattack_warnings_and_show_missing_cells():
                             {**FLAGS, ("trades-run", "base"): FLAGS["pgd", "base"],
                              ("trades-run", "der"): FLAGS["pgd", "der"]})
     lines = table.splitlines()
-    assert lines[0] == "| Method | ε | Checkpoint | Clean | PGD-50 | AA | Worst case |"
+    assert lines[0] == "| Method | ε | Checkpoint | Clean | PGD-50 | PGD-50 + APGD | AA | Worst case |"
+    nil = "+0.0 [-9.2, +9.2], p = 1.000 (Holm 1.000)"  # PGD-50 + APGD: the same 38 of 40 images in every model
     assert lines[2:11] == [
-        "| PGD-AT | 0.1 | best | 82.0 [73.3, 88.3] | 69.0 [59.4, 77.2] | 65.0 [43.3, 81.9] | 82.5 [68.1, 91.3] |",
-        "| PGD-AT | 0.1 | last | 85.0 [76.7, 90.7] | 60.0 [50.2, 69.1] | 55.0 [34.2, 74.2] † | 77.5 [62.5, 87.7] |",
+        "| PGD-AT | 0.1 | best | 82.0 [73.3, 88.3] | 69.0 [59.4, 77.2] | 95.0 [83.5, 98.6] | 65.0 [43.3, 81.9] "
+        "| 65.0 [43.3, 81.9] |",
+        "| PGD-AT | 0.1 | last | 85.0 [76.7, 90.7] | 60.0 [50.2, 69.1] | 95.0 [83.5, 98.6] | 55.0 [34.2, 74.2] † "
+        "| 55.0 [34.2, 74.2] |",
         "| PGD-AT | | Δ best − last | -3.0 [-7.8, +1.3], p = 0.250 (Holm 1.000) "
-        "| +9.0 [+3.0, +14.9], p = 0.004 (Holm 0.125) | +10.0 [-5.9, +24.9], p = 0.500 (Holm 1.000) "
-        "| +5.0 [-4.2, +14.9], p = 0.500 (Holm 1.000) |",
-        "| PGD-AT + DER | 0.1 | best | 81.0 [72.2, 87.5] | 70.0 [60.4, 78.1] | 65.0 [43.3, 81.9] | 82.5 [68.1, 91.3] |",
+        f"| +9.0 [+3.0, +14.9], p = 0.004 (Holm 0.156) | {nil} | +10.0 [-5.9, +24.9], p = 0.500 (Holm 1.000) "
+        "| +10.0 [-5.9, +24.9], p = 0.500 (Holm 1.000) |",
+        "| PGD-AT + DER | 0.1 | best | 81.0 [72.2, 87.5] | 70.0 [60.4, 78.1] | 95.0 [83.5, 98.6] | 65.0 [43.3, 81.9] "
+        "| 65.0 [43.3, 81.9] |",
         # AA's accuracy is missing from this evaluate JSON; the worst case comes from the flags
-        "| PGD-AT + DER | 0.1 | last | 83.0 [74.5, 89.1] | 67.0 [57.3, 75.4] | – | 82.5 [68.1, 91.3] |",
+        "| PGD-AT + DER | 0.1 | last | 83.0 [74.5, 89.1] | 67.0 [57.3, 75.4] | 95.0 [83.5, 98.6] | – "
+        "| 65.0 [43.3, 81.9] |",
         "| PGD-AT + DER | | Δ best − last | -2.0 [-6.2, +1.9], p = 0.500 (Holm 1.000) "
-        "| +3.0 [-1.0, +7.1], p = 0.250 (Holm 1.000) | +0.0 [-10.2, +10.2], p = 1.000 (Holm 1.000) "
-        "| +0.0 [-7.4, +7.4], p = 1.000 (Holm 1.000) |",
+        f"| +3.0 [-1.0, +7.1], p = 0.250 (Holm 1.000) | {nil} | +0.0 [-10.2, +10.2], p = 1.000 (Holm 1.000) "
+        "| +0.0 [-10.2, +10.2], p = 1.000 (Holm 1.000) |",
         "| Δ DER − base | | best | -1.0 [-4.7, +2.5], p = 1.000 (Holm 1.000) "
-        "| +1.0 [-2.0, +4.1], p = 1.000 (Holm 1.000) | +0.0 [-10.2, +10.2], p = 1.000 (Holm 1.000) "
-        "| +0.0 [-7.4, +7.4], p = 1.000 (Holm 1.000) |",
+        f"| +1.0 [-2.0, +4.1], p = 1.000 (Holm 1.000) | {nil} | +0.0 [-10.2, +10.2], p = 1.000 (Holm 1.000) "
+        "| +0.0 [-10.2, +10.2], p = 1.000 (Holm 1.000) |",
         "| Δ DER − base | | last | -2.0 [-6.3, +2.0], p = 0.500 (Holm 1.000) "
-        "| +7.0 [+1.6, +12.4], p = 0.016 (Holm 0.469) | +10.0 [-5.9, +24.9], p = 0.500 (Holm 1.000) "
-        "| +5.0 [-4.2, +14.9], p = 0.500 (Holm 1.000) |",
-        "| TRADES (trades-run) | 0.1 | best | 82.0 [73.3, 88.3] | 69.0 [59.4, 77.2] | 65.0 [43.3, 81.9] "
-        "| 82.5 [68.1, 91.3] |"]
+        f"| +7.0 [+1.6, +12.4], p = 0.016 (Holm 0.594) | {nil} | +10.0 [-5.9, +24.9], p = 0.500 (Holm 1.000) "
+        "| +10.0 [-5.9, +24.9], p = 0.500 (Holm 1.000) |",
+        "| TRADES (trades-run) | 0.1 | best | 82.0 [73.3, 88.3] | 69.0 [59.4, 77.2] | 95.0 [83.5, 98.6] "
+        "| 65.0 [43.3, 81.9] | 65.0 [43.3, 81.9] |"]
     assert len(lines) == 2 + 2 * 8 + 2 and "†: AutoAttack's own checks raised warnings" in lines[-1]
-    assert "Holm-adjusted over the table's 32 Δ cells" in lines[-1]  # one family: both runs' 8 Δ rows × 4
+    assert "Holm-adjusted over the table's 40 Δ cells" in lines[-1]  # one family: both runs' 8 Δ rows × 5
     assert "†" not in tables.co_table(METHODS, EVALS, FLAGS)  # no CO checkpoint warned
 
 
@@ -205,13 +223,14 @@ def test_report_stage_merges_score_and_writes_tables(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="metrics/eval/standard.base.json: file not found"):
         report_stage.run(params)
     (tmp_path / "metrics/eval/standard.base.json").write_text(json.dumps(STANDARD))
+    (tmp_path / "metrics/eval/standard.base.flags.json").write_text(json.dumps(STANDARD_FLAGS))
     (tmp_path / "metrics/train/standard.base.json").write_text(json.dumps({"eps": 0.1, "final_val_clean_acc": 0.9}))
     (tmp_path / "plots/history").mkdir(parents=True)  # the per-epoch histories the report draws: the repo's own
     for run in ("standard.base", *(f"{r}.{v}" for r, v in RUNS)):
         shutil.copy(ROOT / f"plots/history/{run}.tsv", tmp_path / f"plots/history/{run}.tsv")
     report_stage.run(params)
     first = json.loads((tmp_path / "metrics/summary.json").read_text())
-    assert first == tables.summary(METHODS, EVALS, TRAINS, FLAGS, STANDARD)
+    assert first == tables.summary(METHODS, EVALS, TRAINS, FLAGS, STANDARD, None, STANDARD_FLAGS)
     (tmp_path / "metrics/score.json").write_text(json.dumps({"gen.pca-local.der.fid": 31.5}))
     report_stage.run(params)
     summary = json.loads((tmp_path / "metrics/summary.json").read_text())

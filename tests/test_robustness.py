@@ -21,6 +21,7 @@ from energyat.evaluation import robustness, stats
 from energyat.infra import distributed
 from energyat.infra.artifacts import sha256
 from energyat.params import ModelCfg, ParamsError, parse
+from energyat.reporting import flags as flagfile
 from energyat.runstate import checkpoint
 from energyat.science.attacks import Threat, pgd_attack
 from energyat.stages import evaluate
@@ -389,9 +390,10 @@ def test_evaluate_stage_writes_metrics_intervals_and_flags(workdir):
 
     out = json.loads((root / "metrics/eval/fgsm.base.json").read_text())
     flags = json.loads((root / "metrics/eval/fgsm.base.flags.json").read_text())
-    assert {k: flags[k] for k in ("format", "split", "n", "apgd_n", "aa_n", "worst_n", "test_sha256")} == \
-        {"format": "energyat-flags/1", "split": "test", "n": 24, "apgd_n": 16, "aa_n": 12, "worst_n": 16,
-         "test_sha256": meta["files"]["test"]}
+    keys = ("format", "split", "n", "apgd_n", "aa_n", "worst_n", "pgd_apgd_n", "test_sha256")
+    assert {k: flags[k] for k in keys} == {"format": "energyat-flags/1", "split": "test", "n": 24, "apgd_n": 16,
+                                           "aa_n": 12, "worst_n": 12, "pgd_apgd_n": 16,
+                                           "test_sha256": meta["files"]["test"]}
     x, y = prepared(root, "test")
     x, y = x[:24], y[:24]
     for ck, model in (("best", best), ("last", last)):
@@ -399,8 +401,10 @@ def test_evaluate_stage_writes_metrics_intervals_and_flags(workdir):
         # the PGD flags are the library's, block by block with the params seed
         pgd5 = robustness.pgd_correct(model, x, y, 0.3, 5, 2, block=8, seed=0)
         assert flags[f"{ck}.pgd5"] == "".join("1" if c else "0" for c in pgd5.tolist())
-        assert (len(flags[f"{ck}.aa"]), len(flags[f"{ck}.apgd"]), len(flags[f"{ck}.worst"])) == (12, 16, 16)
-        for name, n in (("clean", 24), ("pgd2", 24), ("pgd5", 24), ("aa", 12), ("apgd", 16), ("worst", 16)):
+        assert (len(flags[f"{ck}.aa"]), len(flags[f"{ck}.apgd"]), len(flags[f"{ck}.worst"]),
+                len(flags[f"{ck}.pgd_apgd"])) == (12, 16, 12, 16)
+        for name, n in (("clean", 24), ("pgd2", 24), ("pgd5", 24), ("aa", 12), ("apgd", 16), ("worst", 12),
+                        ("pgd_apgd", 16)):
             correct = flags[f"{ck}.{name}"].count("1")
             lo, hi = stats.wilson(correct, n)
             assert out[f"{ck}.{name}_acc"] == round(correct / n, 4)
@@ -410,11 +414,13 @@ def test_evaluate_stage_writes_metrics_intervals_and_flags(workdir):
         assert out[f"{ck}.aa.square_acc"] == out[f"{ck}.aa_acc"] and out[f"{ck}.aa.warnings"] == 0
         assert out[f"{ck}.aa.clean_acc"] == round(flags[f"{ck}.clean"][:12].count("1") / 12, 4)
         assert out[f"{ck}.apgd.apgd-t_acc"] == out[f"{ck}.apgd_acc"] and out[f"{ck}.apgd.warnings"] == 0
-        # worst case, image by image on the first 16: clean, PGD-2, PGD-5, APGD (16 images), AutoAttack (first 12)
+        # the worst case, image by image on AutoAttack's 12: clean, PGD-2, PGD-5, APGD and AutoAttack; PGD + APGD on
+        # APGD's 16: clean, PGD-2, PGD-5 and APGD; as reporting/flags.py recomputes them from the flags
         f = {name: [c == "1" for c in flags[f"{ck}.{name}"]]
-             for name in ("clean", "pgd2", "pgd5", "apgd", "aa", "worst")}
-        assert f["worst"] == [all(f[name][i] for name in ("clean", "pgd2", "pgd5", "apgd")) and (i >= 12 or f["aa"][i])
-                              for i in range(16)]
+             for name in ("clean", "pgd2", "pgd5", "apgd", "aa", "worst", "pgd_apgd")}
+        assert f["worst"] == [all(f[name][i] for name in ("clean", "pgd2", "pgd5", "apgd", "aa")) for i in range(12)]
+        assert f["pgd_apgd"] == [all(f[name][i] for name in ("clean", "pgd2", "pgd5", "apgd")) for i in range(16)]
+        assert flagfile.worst_cases(flags, ck) == {"worst": f["worst"], "pgd_apgd": f["pgd_apgd"]}
         # the attack check pairs PGD-5 with APGD + AutoAttack on those 16 images
         strong = [f["apgd"][i] and (i >= 12 or f["aa"][i]) for i in range(16)]
         missed = (sum(p and not s for p, s in zip(f["pgd5"], strong)),
@@ -423,8 +429,8 @@ def test_evaluate_stage_writes_metrics_intervals_and_flags(workdir):
         assert out[f"{ck}.check.p"] == float(f"{stats.binomial_excess_p(*missed):.4g}")
         assert not any(k.startswith(f"{ck}.check.") and k[len(ck) + 7:] not in ("n", "pgd_missed", "apgd_missed", "p")
                        for k in out)
-    assert (out["n_examples"], out["apgd_examples"], out["aa_examples"], out["worst_examples"], out["eps"],
-            out["best.epoch"], out["last.epoch"]) == (24, 16, 12, 16, 0.3, 2, 3)
+    assert (out["n_examples"], out["apgd_examples"], out["aa_examples"], out["worst_examples"],
+            out["pgd_apgd_examples"], out["eps"], out["best.epoch"], out["last.epoch"]) == (24, 16, 12, 12, 16, 0.3, 2, 3)
     assert (out["aa.package"], out["aa.version"], out["aa.attacks"], out["aa.square.n_queries"]) == \
         ("pyautoattack 0.2.0", "standard", "apgd-ce,apgd-t,fab-t,square", 5000)
     assert (out["apgd.version"], out["apgd.attacks"], out["apgd.apgd-t.n_target_classes"], out["apgd.apgd-ce.n_iter"],
@@ -497,7 +503,7 @@ def test_evaluate_warns_when_pgd_misses_what_apgd_breaks(workdir, monkeypatch, c
                                   "batch_size": 24, "pgd_steps": [5], "restarts": 1})
     assert (out["apgd_examples"], out["aa_examples"], out["worst_examples"]) == (24, 0, 24)
     assert out["last.pgd5_acc"] > 0.8 and out["last.apgd.apgd-ce_acc"] > 0.8 and out["last.apgd_acc"] == 0
-    assert out["last.worst_acc"] == 0 and "last.aa_acc" not in out
+    assert out["last.worst_acc"] == 0 and "last.aa_acc" not in out and "last.pgd_apgd_acc" not in out
     missed, p = out["last.check.pgd_missed"], out["last.check.p"]
     assert missed > 18 and out["last.check.apgd_missed"] == 0 and p == float(f"{0.5 ** missed:.4g}") < 0.01
     assert f"evaluate fgsm/base: warning: last: PGD missed {missed} images that APGD broke (p = {p:.2g}): report " \

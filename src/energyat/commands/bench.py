@@ -15,7 +15,6 @@ first), so that load from other processes hits both alike; the ratio is the medi
 from __future__ import annotations
 
 import copy
-import platform
 import statistics
 import time
 from dataclasses import dataclass, replace
@@ -27,7 +26,7 @@ from torch import Tensor, nn
 
 from ..evaluation.robustness import autoattack_seconds_per_100
 from ..infra.artifacts import write_json
-from ..infra.runtime import log, setup
+from ..infra.runtime import cpu_name, log, setup
 from ..params import DerCfg, Params, RunCfg, TrainCfg
 from ..runstate import checkpoint
 from ..science.data import load_prepared, to_float
@@ -322,15 +321,6 @@ def below_target(results: dict[str, float]) -> list[str]:
     return sorted(k.removesuffix(".ratio_vs_reference") for k, v in results.items()
                   if k.endswith(".ratio_vs_reference") and v < TARGET)
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 # ------------------------------------------------------------------------------------------ stage
 

@@ -145,14 +145,30 @@ def fmt_p(p) -> str:
     return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
-def fmt_pct_interval(p: float, lo: float, hi: float) -> str:
-    """`54.1 [52.7, 55.5]` (percent). Pass unrounded values (e.g. from :func:`wilson`), not stored rounded ones."""
-    return f"{100 * p:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+def pct(p: float | Fraction, digits: int = 1, sign: bool = False) -> str:
+    """`100·p` with `digits` decimals (`sign`: with + or −). The rounding rule: a `Fraction` (an exact count over its
+    images, `Fraction(k, n)`) is rounded half away from zero on its exact value, in integer arithmetic, so
+    471/2000 = 23.55 % prints 23.6 (and −471/2000 −23.6); a float is printed as Python rounds its binary value
+    (0.2355 is stored as 0.23549999…, so `f"{100 * 0.2355:.1f}"` is 23.5): pass counts as Fractions."""
+    if isinstance(p, Fraction):
+        scaled = abs(p) * 100 * 10 ** digits
+        units = int(scaled) + (scaled - int(scaled) >= Fraction(1, 2))
+        text = f"{units // 10 ** digits}" + (f".{units % 10 ** digits:0{digits}d}" if digits else "")
+        negative = p < 0 and units > 0
+        return ("-" if negative else "+" if sign else "") + text
+    return f"{100 * p:+.{digits}f}" if sign else f"{100 * p:.{digits}f}"
+
+
+def fmt_pct_interval(p: float | Fraction, lo: float, hi: float) -> str:
+    """`54.1 [52.7, 55.5]` (percent). Pass unrounded values (e.g. from :func:`wilson`), not stored rounded ones; the
+    point as a Fraction of counts where there are counts (:func:`pct`'s rounding rule)."""
+    return f"{pct(p)} [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
 def fmt_diff(d: dict) -> str:
     """`+5.2 [+2.9, +7.4], p = 0.001` (percentage points) from :func:`paired_difference`'s dict, with
     ` (Holm 0.004)` when it carries a Holm-adjusted `p_holm`."""
     p = fmt_p(d["p"])
-    text = f"{100 * d['diff']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}], p {'' if p[0] == '<' else '= '}{p}"
+    text = (f"{pct(d['diff'], sign=True)} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}], "
+            f"p {'' if p[0] == '<' else '= '}{p}")
     return text + (f" (Holm {fmt_p(d['p_holm'])})" if "p_holm" in d else "")

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import platform
 import random
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -70,3 +72,14 @@ def log(msg: str) -> None:
     """One line of stage progress on stderr (kept in DVC's output even without a TTY); rank 0 only."""
     if distributed.context().main:
         print(msg, file=sys.stderr, flush=True)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (floating-point results are bit-identical only on the same model)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

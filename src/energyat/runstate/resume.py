@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import platform
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ import torch
 from ..errors import UserError
 from ..infra import distributed
 from ..infra.artifacts import digest, load_sealed, remove_temporaries, save_sealed, sha256, write_bytes
-from ..infra.runtime import log
+from ..infra.runtime import cpu_name, log
 from ..params import Params, RunCfg, as_dict
 from . import checkpoint
 
@@ -63,13 +62,7 @@ def device_model(device: torch.device) -> str:
     """This process's accelerator, or on the CPU its model name."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_name()
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,9 @@ def run(params: Params) -> None:
     evals = {(r, v): read_json(EVAL / f"{r}.{v}.json") for r, v in pairs}
     flags = {(r, v): read_json(EVAL / f"{r}.{v}.flags.json") for r, v in pairs}
     trains = {(r, v): read_json(Path("metrics/train") / f"{r}.{v}.json") for r, v in pairs}
-    standard = read_json(EVAL / "standard.base.json")
+    standard, standard_flags = read_json(EVAL / "standard.base.json"), read_json(EVAL / "standard.base.flags.json")
     score = read_json(SCORE) if SCORE.is_file() else None
-    summary = tables.summary(methods, evals, trains, flags, standard, score)
+    summary = tables.summary(methods, evals, trains, flags, standard, score, standard_flags)
     co, ro = tables.co_table(methods, evals, flags), tables.ro_table(methods, evals, flags)
     trains_all = {("standard", "base"): read_json("metrics/train/standard.base.json"), **trains}
     write_text("metrics/train_table.md", tables.training_table(methods, trains_all))

@@ -7,8 +7,9 @@ single-step runs of `runs` (the method's name, "+ DER" for the DER twin, and tha
 "FGSM + DER (aae: start, aae_norm: batch)"); a run that differs from an earlier one only in `der:` adds its DER
 row only, since its base model is that earlier run's.
 
-Cells, final checkpoint (`last`) of metrics/eval/<run>.<variant>.json: clean, the strongest PGD and AutoAttack
-accuracy as mean ± std over seeds; and from metrics/train/<run>.<variant>.json how many seeds collapsed:
+Cells, final checkpoint (`last`) of metrics/eval/<run>.<variant>.json: clean, the strongest PGD, PGD + APGD,
+AutoAttack and worst-case accuracy as mean ± std over seeds, with the test images per seed each counts (`images`;
+the worst cases recomputed from the per-example flags where they were kept, `flags.worst_cases`); and from metrics/train/<run>.<variant>.json how many seeds collapsed:
 `co_at_end` (catastrophic overfitting that the final model still shows) and, counted separately, `diverged`
 (validation clean accuracy fell below twice chance at some epoch after having been above it; a run may recover,
 which the clean-accuracy table shows); a seed may be in both. `catastrophic_overfitting` (CO at any epoch, even if
@@ -28,6 +29,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..evaluation import stats
 from ..params import VARIANTS
+from ..reporting import flags as flagfile
 from ..reporting.tables import METHOD_NAMES, family
 from .seeds import (
     EVAL,
@@ -35,13 +37,13 @@ from .seeds import (
     POOL_IGNORE,
     TRAIN,
     Group,
+    accuracy,
     differing,
     finite,
-    flag_vector,
     fmt_points,
+    own_flags,
     paired_over_seeds,
     pooling_params,
-    strongest_pgd,
 )
 
 COUNTS = ("co_at_end", "catastrophic_overfitting", "diverged")
@@ -83,7 +85,7 @@ def _rows(g: Group) -> list[dict]:
 
 
 def _accuracy_keys(pgd: str | None) -> list[str]:
-    return [k for k in ("clean_acc", pgd, "aa_acc", "worst_acc") if k]
+    return [k for k in ("clean_acc", pgd, "pgd_apgd_acc", "aa_acc", "worst_acc") if k]
 
 
 def _own(m, cell: dict, ev: dict, tr: dict) -> bool:
@@ -98,26 +100,36 @@ def _own(m, cell: dict, ev: dict, tr: dict) -> bool:
             and (n is None or wanted_n is None or n == wanted_n))
 
 
-def _seed_record(m, cell: dict, pgd: str | None) -> dict | None:
-    """One seed of one cell: final-checkpoint accuracies and collapse flags (None when the seed has neither file
-    of its own)."""
+def _seed_record(m, cell: dict, pgd: str | None, flags: dict | None = None) -> dict | None:
+    """One seed of one cell: final-checkpoint accuracies, the images each counts (`images`) and collapse flags (None
+    when the seed has neither file of its own). Accuracies come from the seed's per-example flags where they were
+    kept (the worst cases recomputed, `flags.worst_cases`), else from its evaluate JSON (its `worst_acc` only where
+    it is taken over the same images)."""
     ev = m.metrics.get(EVAL.format(run=cell["run"], variant=cell["variant"])) or {}
     tr = m.metrics.get(TRAIN.format(run=cell["run"], variant=cell["variant"])) or {}
     if not (ev or tr) or not _own(m, cell, ev, tr):
         return None
-    record = {"seed": m.seed, "name": m.name, "rev": m.rev, **{k: ev.get(f"last.{k}") for k in _accuracy_keys(pgd)},
-              **{k: tr.get(k) for k in COUNTS}}
+    fl = own_flags((flags or {}).get((m.rev, cell["run"], cell["variant"])), {"eps": cell["eps"], **ev})
+    found = {k: accuracy(ev, fl, "last", k) for k in _accuracy_keys(pgd)}
+    record = {"seed": m.seed, "name": m.name, "rev": m.rev, **{k: a for k, (a, _) in found.items()},
+              **{k: tr.get(k) for k in COUNTS}, "images": {k: n for k, (_, n) in found.items() if n is not None}}
     if "last.check.p" in ev:
         record["check"] = {k: ev.get(f"last.check.{k}") for k in CHECK}
     return record
 
 
-def _newest_record(g: Group, m, cell: dict, pgd: str | None) -> dict | None:
+def _newest_record(g: Group, m, cell: dict, pgd: str | None, flags: dict | None = None) -> dict | None:
     """Seed `m.seed`'s record of the cell from the newest of its experiments that ran the cell (`m`, then the
     group's older experiments of that seed): a later experiment of a few runs adds cells without hiding the
     others."""
     same_seed = [o for o in g.older if json.dumps(o.seed) == json.dumps(m.seed)]
-    return next((rec for e in (m, *same_seed) if (rec := _seed_record(e, cell, pgd))), None)
+    return next((rec for e in (m, *same_seed) if (rec := _seed_record(e, cell, pgd, flags))), None)
+
+
+def _images(records: list[dict], keys: list[str]) -> dict:
+    """{key: test images per seed} where every record counts the same number."""
+    counts = {k: {r.get("images", {}).get(k) for r in records} for k in keys}
+    return {k: n.pop() for k, n in counts.items() if len(n) == 1 and None not in n}
 
 
 def _stats(values: list) -> dict | None:
@@ -125,7 +137,8 @@ def _stats(values: list) -> dict | None:
     return {k: finite(v) for k, v in stats.t_interval(nums).items()} if nums else None
 
 
-def _cells(groups: list[tuple[Group, list[dict]]], pgd: str | None) -> dict[tuple[str, float], dict]:
+def _cells(groups: list[tuple[Group, list[dict]]], pgd: str | None, flags: dict | None = None
+           ) -> dict[tuple[str, float], dict]:
     """(row label, eps) -> cell, over the groups of one setting."""
     cells = {}
     for g, rows in groups:
@@ -134,10 +147,11 @@ def _cells(groups: list[tuple[Group, list[dict]]], pgd: str | None) -> dict[tupl
             if where in cells:
                 raise UserError(f"co study: two groups fill the cell {r['label']} at eps {r['eps']:g} "
                                 f"({cells[where]['group']}, {g.id}); their params differ in more than seed and eps")
-            seeds = [rec for m in g.members if (rec := _newest_record(g, m, r, pgd))]
+            seeds = [rec for m in g.members if (rec := _newest_record(g, m, r, pgd, flags))]
             if seeds:
+                summaries = {k: _stats([x[k] for x in seeds]) for k in _accuracy_keys(pgd)}
                 cells[where] = {**r, "group": g.id, "n": len(seeds), "seeds": seeds,
-                                "stats": {k: _stats([x[k] for x in seeds]) for k in _accuracy_keys(pgd)},
+                                "stats": summaries, "images": _images(seeds, [k for k, v in summaries.items() if v]),
                                 **{k: sum(bool(x[k]) for x in seeds) for k in COUNTS}}
     return cells
 
@@ -158,16 +172,23 @@ def der_gains(cells: list[dict], pgd: str | None, flags: dict[tuple[str, str, st
         for k in _accuracy_keys(pgd):
             if pairs and all(isinstance(a.get(k), (int, float)) and isinstance(b.get(k), (int, float))
                              for a, b in pairs):
-                flag_pairs = [(flag_vector(flags.get((a["rev"], run, "base")), "last", k),
-                               flag_vector(flags.get((b["rev"], run, "der")), "last", k)) for a, b in pairs]
+                flag_pairs = [flagfile.pair(own_flags(flags.get((a["rev"], run, "base")), base), "last",
+                                            own_flags(flags.get((b["rev"], run, "der")), der), "last", k,
+                                            (_where(a, run, "base"), _where(b, run, "der"))) for a, b in pairs]
                 metrics[k] = paired_over_seeds([a[k] for a, _ in pairs], [b[k] for _, b in pairs], flag_pairs)
         if metrics:
+            images = _images([x for pair in pairs for x in pair], list(metrics))
             out.append({"run": run, "eps": eps, "label": der["label"], "seeds": [b["seed"] for _, b in pairs],
-                        "metrics": metrics})
+                        "metrics": metrics, "images": images})
     family = [m for d in out for m in d["metrics"].values()]
     for m, p in zip(family, stats.holm([m["paired_t_p"] for m in family])):
         m["paired_t_p_holm"] = p
     return out
+
+
+def _where(record: dict, run: str, variant: str) -> str:
+    """A seed's flags file, in words."""
+    return f"{record.get('name')}: {flagfile.PATH.format(run=run, variant=variant)}"
 
 
 def _shown(key: str, value):
@@ -188,9 +209,10 @@ def study(groups: list[Group], flags: dict[tuple[str, str, str], dict] | None = 
     distinct = differing(firsts, ignore=(*POOL_IGNORE, EPS))
     out = []
     for gs, first in zip(settings.values(), firsts):
-        pgd = strongest_pgd([m.metrics.get(EVAL.format(run=r["run"], variant=r["variant"])) or {}
-                             for g, rows in gs for r in rows for m in g.members])
-        if cells := _cells(gs, pgd):
+        pgd = flagfile.strongest_pgd((k for g, rows in gs for r in rows for m in g.members
+                                      for k in m.metrics.get(EVAL.format(run=r["run"], variant=r["variant"])) or {}),
+                                     "last")
+        if cells := _cells(gs, pgd, flags):
             out.append({"title": _title(first.flat_params),
                         "label": ", ".join(f"{k}={json.dumps(_shown(k, first.flat_params.get(k)))}" for k in distinct),
                         "pgd": pgd, "eps": sorted({e for _, e in cells}),
@@ -248,9 +270,10 @@ def markdown(st: dict) -> str:
              "`metrics/co_study.json`); collapsed: seeds whose final model is in catastrophic overfitting "
              "(`co_at_end`), and seeds that diverged at some epoch (validation clean accuracy fell below twice chance "
              "after having been above it; the clean-accuracy table shows whether the final model recovered), of the "
-             "seeds run; worst case: per image, robust only if it survived every attack run on it (PGD with its "
-             "restarts, APGD-CE + APGD-T, AutoAttack), on the images APGD or AutoAttack ran on. Made by "
-             "`energyat aggregate --co-study`.", ""]
+             "seeds run; PGD + APGD: per image, robust only if it survived PGD with its restarts and APGD-CE + APGD-T, "
+             "on APGD's images; worst case: robust only if it survived every attack run on it (PGD, APGD-CE + APGD-T, "
+             "AutoAttack), on the images every attack ran on (AutoAttack's). Each table names the test images per "
+             "seed it counts. Made by `energyat aggregate --co-study`.", ""]
     if not st["settings"]:
         lines.append("No finished experiment with single-step runs.")
     mixed = any(s.get("evidence") == AGGREGATES_ONLY for s in st["settings"])
@@ -272,10 +295,12 @@ def markdown(st: dict) -> str:
         n_max = max(c["n"] for c in s["cells"])
         head = "| Method | " + " | ".join(f"ε = {fmt_eps(e)}" for e in s["eps"]) + " |"
         sep = "|---|" + "---:|" * len(s["eps"])
-        tables = [(f"PGD-{s['pgd'][3:-4]}", s["pgd"])] if s["pgd"] else []
-        worst = [("Worst-case", "worst_acc")] if any(c["stats"].get("worst_acc") for c in s["cells"]) else []
+        pgd = f"PGD-{s['pgd'][3:-4]}" if s["pgd"] else "PGD"
+        tables = [(pgd, s["pgd"])] if s["pgd"] else []
+        worst = [(title, key) for title, key in ((f"{pgd} + APGD", "pgd_apgd_acc"), ("Worst-case", "worst_acc"))
+                 if any(c["stats"].get(key) for c in s["cells"])]
         for title, key in [*tables, ("AutoAttack", "aa_acc"), *worst, ("Clean", "clean_acc")]:
-            lines += [f"**{title} accuracy (%)**", "", head, sep]
+            lines += [f"**{title} accuracy (%)**{_images_note(s['cells'], key)}", "", head, sep]
             for row in s["rows"]:
                 lines.append(f"| {row} | " + " | ".join(
                     _cell(cells[row, e]["stats"].get(key) if (row, e) in cells else None, n_max)
@@ -292,13 +317,22 @@ def markdown(st: dict) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _images_note(cells: list[dict], key: str) -> str:
+    """` (500 test images per seed)`, where the cells' evidence records it."""
+    counts = {c.get("images", {}).get(key) for c in cells if c["stats"].get(key)} - {None}
+    if not counts:
+        return ""
+    return f" ({' or '.join(map(str, sorted(counts)))} test images per seed)"
+
+
 def _gain_lines(s: dict) -> list[str]:
     """DER − base per run and ε: mean [t-interval], paired-t p (Holm), and each seed's difference (McNemar p)."""
     gains = s.get("der_gain") or []
     if not gains:
         return []
     keys = [k for k in _accuracy_keys(s["pgd"]) if any(k in d["metrics"] for d in gains)]
-    names = {"clean_acc": "Clean", "aa_acc": "AutoAttack", "worst_acc": "Worst case"}
+    names = {"clean_acc": "Clean", "aa_acc": "AutoAttack", "worst_acc": "Worst case",
+             "pgd_apgd_acc": f"PGD-{s['pgd'][3:-4]} + APGD" if s["pgd"] else "PGD + APGD"}
     lines = ["**DER − base** (points; mean over the seeds both ran [95 % t-interval], paired-t p and its "
              "Holm-adjusted value over this setting's differences; below, each seed's difference with its exact "
              "McNemar p on the same test images)", "",
@@ -312,7 +346,7 @@ def _gain_lines(s: dict) -> list[str]:
             cells.append("–" if m is None else f"{fmt_points(m['mean'])} [{fmt_points(m['lo'])}, "
                          f"{fmt_points(m['hi'])}], p {stats.fmt_p(m['paired_t_p'])} "
                          f"(Holm {stats.fmt_p(m.get('paired_t_p_holm'))})")
-            if m is not None and k in ("worst_acc", s["pgd"]):
+            if m is not None and k in (s["pgd"], "pgd_apgd_acc", "worst_acc"):
                 seeds = ", ".join(f"seed {seed}: {fmt_points(v)}" + (f" (p {stats.fmt_p(p)})" if p is not None else "")
                                   for seed, v, p in zip(d["seeds"], m["values"],
                                                         m.get("mcnemar_p") or [None] * len(d["seeds"])))

@@ -33,6 +33,7 @@ from fractions import Fraction
 from ..errors import UserError
 from ..evaluation import stats
 from ..params import VARIANTS
+from ..reporting import flags as flagfile
 from ..reporting.tables import METHOD_NAMES, family
 
 PARAMS_FILE = "params.yaml"
@@ -338,28 +339,15 @@ def metric_stats(g: Group) -> dict[str, dict[str, dict]]:
 
 # ------------------------------------------------------------------------------------------ robust overfitting
 
-def flag_vector(flags: dict | None, checkpoint: str, metric: str) -> list[bool] | None:
-    """Per-example correctness of `<checkpoint>.<metric>` (e.g. last, pgd50_acc) from an evaluate flags file
-    (format energyat-flags/1: key `last.pgd50`, a string of 0/1, character i = test image i), or None."""
-    v = flags.get(f"{checkpoint}.{metric.removesuffix('_acc')}") if isinstance(flags, dict) else None
-    return [c == "1" for c in v] if isinstance(v, str) and v and set(v) <= {"0", "1"} else None
-
-
-def strongest_pgd(evals: list[dict], checkpoint: str = "last") -> str | None:
-    """The PGD accuracy key with the most steps that `checkpoint` reports in any of `evals` (e.g. pgd50_acc)."""
-    steps = [int(m.group(1)) for e in evals for k in e if (m := re.fullmatch(rf"{checkpoint}\.pgd(\d+)_acc", k))]
-    return f"pgd{max(steps)}_acc" if steps else None
-
-
-def paired_over_seeds(a: list[float], b: list[float], flag_pairs: list[tuple] | None = None) -> dict:
-    """b − a over seeds: t-interval fields, the paired-t p-value and, with `flag_pairs` (one (a, b) pair of flag
-    vectors per seed), the per-seed exact McNemar p-values (None where a seed's flags are unreadable)."""
+def paired_over_seeds(a: list[float], b: list[float], flag_pairs: list[tuple | None] | None = None) -> dict:
+    """b − a over seeds: t-interval fields, the paired-t p-value and, with `flag_pairs` (per seed the (a, b) flag
+    vectors on the same test images, `flags.pair`, or None where a seed's flags were not kept), the per-seed exact
+    McNemar p-values."""
     d = [y - x for x, y in zip(a, b)]
     out = {**_clean(stats.t_interval(d)), "values": d, "paired_t_p": finite(stats.paired_t(a, b))}
     if flag_pairs is not None:
-        out["mcnemar_p"] = [round(stats.paired_difference(fa, fb)["p"], 6)
-                            if fa is not None and fb is not None and len(fa) == len(fb) else None
-                            for fa, fb in flag_pairs]
+        out["mcnemar_p"] = [None if pair is None else round(stats.paired_difference(*pair)["p"], 6)
+                            for pair in flag_pairs]
     return out
 
 
@@ -377,11 +365,48 @@ def epoch_bands(histories: list[list[dict]]) -> dict[str, dict[str, list]]:
     return out
 
 
+ACCURACY_KEYS = ("clean_acc", "pgd_apgd_acc", "aa_acc", "worst_acc")  # with the strongest PGD's, after clean
+EXAMPLES = {"aa_acc": "aa_examples", "worst_acc": "worst_examples", "pgd_apgd_acc": "pgd_apgd_examples"}
+
+
+def same_worst_case(ev: dict) -> bool:
+    """Whether an evaluate JSON's `worst_acc` is the worst case of `flags.worst_cases` (on AutoAttack's images, else
+    APGD's): earlier evaluations took it over the first max(APGD, AutoAttack) images."""
+    return ev.get("worst_examples") == (ev.get("aa_examples") or ev.get("apgd_examples"))
+
+
+def own_flags(fl: dict | None, ev: dict) -> dict | None:
+    """A flags file when it is that evaluate JSON's (the same eps and test-image count), else None."""
+    if not isinstance(fl, dict):
+        return None
+    same_eps = fl.get("eps") is None or ev.get("eps") is None or math.isclose(float(fl["eps"]), float(ev["eps"]),
+                                                                            rel_tol=1e-6)
+    return fl if same_eps and ev.get("n_examples") in (None, fl.get("n")) else None
+
+
+def accuracy(ev: dict, fl: dict | None, checkpoint: str, key: str) -> tuple[float | None, int | None]:
+    """One checkpoint's accuracy `key` and the images it counts. A worst case comes from the per-example flags where
+    they were kept (`flags.worst_cases`), else from the evaluate JSON where it is taken over the same images; the
+    other accuracies from the evaluate JSON, with the image count of their flags where kept."""
+    f = flagfile.accuracy_vector(fl, checkpoint, key) if fl is not None else None
+    if key.removesuffix("_acc") in flagfile.WORST_CASES:
+        if fl is not None:
+            return (sum(f) / len(f), len(f)) if f else (None, None)
+        if key == "worst_acc" and not same_worst_case(ev):
+            return None, None
+    value = ev.get(f"{checkpoint}.{key}")
+    if value is None:
+        return None, None
+    return value, len(f) if f else ev.get(EXAMPLES.get(key, "n_examples"))
+
+
 def robust_overfitting(g: Group, flags: dict[tuple[str, str, str], dict],
                        histories: dict[tuple[str, str, str], list[dict]] | None = None) -> dict[str, dict]:
     """Per multi-step run of the group (with base and DER eval files in every seed): the best − last gap of the
-    strongest PGD accuracy per variant (b = best, a = last), the change of that gap with DER, and the DER gain on
-    the last checkpoint per accuracy key. `flags`: (rev, run, variant) -> that evaluate flags file's content."""
+    strongest PGD accuracy and of the worst case per variant (b = best, a = last), the change of each gap with DER,
+    the DER gain on the last checkpoint per accuracy key, the last checkpoint's accuracies over seeds (`levels`) and
+    the test images per seed each key counts (`images`). Accuracies come from the per-example flags where kept
+    (`accuracy`). `flags`: (rev, run, variant) -> that evaluate flags file's content."""
     out = {}
     for run, cfg in g.runs().items():
         if family(cfg["method"]) != "ro":
@@ -389,29 +414,40 @@ def robust_overfitting(g: Group, flags: dict[tuple[str, str, str], dict],
         evals = {v: [m.metrics.get(EVAL.format(run=run, variant=v)) for m in g.members] for v in VARIANTS}
         if not all(e for v in VARIANTS for e in evals[v]):
             continue
-        pgd = strongest_pgd([e for v in VARIANTS for e in evals[v]])
+        pgd = flagfile.strongest_pgd((k for v in VARIANTS for e in evals[v] for k in e), "last")
         if pgd is None or not all(f"{ck}.{pgd}" in e for v in VARIANTS for e in evals[v] for ck in ("best", "last")):
             continue
+        fls = {v: [own_flags(flags.get((m.rev, run, v)), e) for m, e in zip(g.members, evals[v])] for v in VARIANTS}
+        found = {(v, ck, key): [accuracy(e, fl, ck, key) for e, fl in zip(evals[v], fls[v])]
+                 for v in VARIANTS for ck in ("best", "last") for key in ("clean_acc", pgd, *ACCURACY_KEYS[1:])}
 
-        def fl(m, v, ck, key):
-            return flag_vector(flags.get((m.rev, run, v)), ck, key)
+        def values(v, ck, key):
+            return [a for a, _ in found[v, ck, key]]
+
+        def has(key, checkpoints=("best", "last")):
+            return all(a is not None for v in VARIANTS for ck in checkpoints for a in values(v, ck, key))
+
+        def pairs(va, cka, vb, ckb, key):
+            return [flagfile.pair(fa, cka, fb, ckb, key, (f"{m.name}: {flagfile.PATH.format(run=run, variant=va)}",
+                                                          f"{m.name}: {flagfile.PATH.format(run=run, variant=vb)}"))
+                    for m, fa, fb in zip(g.members, fls[va], fls[vb])]
 
         def gaps(key):
-            return {v: paired_over_seeds([e[f"last.{key}"] for e in evals[v]],
-                                         [e[f"best.{key}"] for e in evals[v]],
-                                         [(fl(m, v, "last", key), fl(m, v, "best", key)) for m in g.members])
-                    for v in VARIANTS}
+            return {v: paired_over_seeds(values(v, "last", key), values(v, "best", key),
+                                         pairs(v, "last", v, "best", key)) for v in VARIANTS}
 
         res = {"method": cfg["method"], "pgd": pgd, "gap": gaps(pgd)}
         res["gap_change"] = paired_over_seeds(res["gap"]["base"]["values"], res["gap"]["der"]["values"])
-        if all(f"{ck}.worst_acc" in e for v in VARIANTS for e in evals[v] for ck in ("best", "last")):
-            res["gap_worst"] = gaps("worst_acc")  # per image over every attack run (on a prefix of the images)
-        keys = [k for k in ("clean_acc", pgd, "aa_acc", "worst_acc")
-                if all(f"last.{k}" in e for v in VARIANTS for e in evals[v])]
-        res["der_gain_last"] = {
-            k: paired_over_seeds([e[f"last.{k}"] for e in evals["base"]], [e[f"last.{k}"] for e in evals["der"]],
-                                 [(fl(m, "base", "last", k), fl(m, "der", "last", k)) for m in g.members])
-            for k in keys}
+        if has("worst_acc"):
+            res["gap_worst"] = gaps("worst_acc")  # per image over every attack run on the same images
+            res["gap_change_worst"] = paired_over_seeds(res["gap_worst"]["base"]["values"],
+                                                        res["gap_worst"]["der"]["values"])
+        keys = [k for k in ("clean_acc", pgd, *ACCURACY_KEYS[1:]) if has(k, ("last",))]
+        res["der_gain_last"] = {k: paired_over_seeds(values("base", "last", k), values("der", "last", k),
+                                                     pairs("base", "last", "der", "last", k)) for k in keys}
+        res["levels"] = {v: {k: summarize(values(v, "last", k)) for k in keys} for v in VARIANTS}
+        counts = {k: {n for v in VARIANTS for ck in ("best", "last") for _, n in found[v, ck, k]} for k in keys}
+        res["images"] = {k: n.pop() for k, n in counts.items() if len(n) == 1 and None not in n}
         res["attack_check"] = {  # per seed: images PGD left standing that APGD/AutoAttack broke, the reverse, p
             f"{v}.{ck}": [{k: e.get(f"{ck}.check.{k}") for k in ("pgd_missed", "apgd_missed", "n", "p")}
                           for e in evals[v]]
@@ -420,6 +456,7 @@ def robust_overfitting(g: Group, flags: dict[tuple[str, str, str], dict],
         if all(h for v in VARIANTS for h in hist[v]):
             res["epochs"] = {v: epoch_bands(hist[v]) for v in VARIANTS}
         rows = [*res["gap"].values(), res["gap_change"], *res.get("gap_worst", {}).values(),
+                *([res["gap_change_worst"]] if "gap_change_worst" in res else []),
                 *res["der_gain_last"].values()]  # one table, one family
         for row, p in zip(rows, stats.holm([r["paired_t_p"] for r in rows])):
             row["paired_t_p_holm"] = p
@@ -481,9 +518,18 @@ def _ro_lines(run: str, ro: dict, seeds: list) -> list[str]:
     lines.append(row(f"gap change with DER (DER − base) {pgd}", ro["gap_change"]))
     for v, d in ro.get("gap_worst", {}).items():
         lines.append(row(f"best − last worst case, {'base' if v == 'base' else '+ DER'}", d))
+    if "gap_change_worst" in ro:
+        lines.append(row("gap change with DER (DER − base) worst case", ro["gap_change_worst"]))
     for k, d in ro["der_gain_last"].items():
-        label = {"clean_acc": "clean", "aa_acc": "AutoAttack", "worst_acc": "worst case"}.get(k, f"PGD-{k[3:-4]}")
+        label = {"clean_acc": "clean", "aa_acc": "AutoAttack", "worst_acc": "worst case",
+                 "pgd_apgd_acc": f"{pgd} + APGD"}.get(k, f"PGD-{k[3:-4]}")
         lines.append(row(f"DER gain, last checkpoint, {label}", d))
+    if images := ro.get("images"):
+        names = {"clean_acc": "clean", "aa_acc": "AutoAttack", "worst_acc": "worst case",
+                 "pgd_apgd_acc": f"{pgd} + APGD", ro["pgd"]: pgd}
+        lines += ["", "Test images per seed: " + ", ".join(f"{names.get(k, k)} {n}" for k, n in images.items())
+                  + " (worst case: an image counts when it survives every attack run on it, on the images every attack "
+                  "ran on)."]
     if ro.get("attack_check"):
         lines += ["", "Paired attack check per seed (images the PGD attack left standing that APGD / AutoAttack "
                       "broke, the reverse, of n; exact one-sided binomial p, unadjusted):", "",
