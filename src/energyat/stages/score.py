@@ -96,6 +96,43 @@ def table(metrics: dict, samplers: list[str], inception_text: str, standard_arch
     return "\n".join(lines) + "\n"
 
 
+def score_sets(sets: dict, measure, measure_inception, steps: int, metrics: dict) -> list[dict]:
+    """Scores every sample set into `metrics` (`gen.<sampler>.<variant>.*`); returns the step sweep's rows (the
+    final samples and every stored snapshot)."""
+    rows = []
+    for (sampler, variant), obj in progress(sets.items(), desc="score", total=len(sets)):
+        k = f"gen.{sampler}.{variant}"
+        final = measure(obj["x"], obj["y"])
+        metrics.update({f"{k}.is": final["is"], f"{k}.fid": final["fid"], f"{k}.diversity": final["diversity"],
+                        f"{k}.steps": float(obj["steps_used"].float().mean())})
+        inception = measure_inception(obj["x"])
+        metrics.update({f"{k}.{m}": v for m, v in inception.items()})
+        rows.append({"sampler": sampler, "variant": variant, "steps": steps, **final})
+        for t, snap in obj["snapshots"].items():
+            if int(t) == steps:  # the final samples, already scored
+                continue
+            rows.append({"sampler": sampler, "variant": variant, "steps": int(t), **measure(snap, obj["y"])})
+        log(f"score {sampler} {variant}: IS {final['is']:.3f} FID {final['fid']:.3f} "
+            f"diversity {final['diversity']:.3f} steps {metrics[f'{k}.steps']:.1f}"
+            + ("" if inception["inception_fid"] == NOT_COMPUTED else f" Inception FID {inception['inception_fid']:.2f}"))
+    return rows
+
+
+def write_outputs(metrics: dict, rows: list[dict], real: dict, table_text) -> None:
+    """metrics/score.json, metrics/generation.md (`table_text` of the rounded metrics), the step sweep's TSV and its
+    quality-diversity figure."""
+    metrics = {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}
+    write_json("metrics/score.json", metrics)
+    write_text("metrics/generation.md", table_text(metrics))
+    rows.sort(key=lambda r: (r["sampler"], r["variant"], r["steps"]))
+    write_text("plots/generation/sweep.tsv", "sampler\tvariant\tsteps\tis\tfid\tdiversity\n" + "".join(
+        f"{r['sampler']}\t{r['variant']}\t{r['steps']}\t{r['is']:.5g}\t{r['fid']:.5g}\t{r['diversity']:.5g}\n"
+        for r in rows))
+    fig = figure(rows, real)
+    save_figure("plots/generation/quality_diversity.png", fig)
+    plt.close(fig)
+
+
 def run(params: Params) -> None:
     cfg = params.score
     samplers = list(params.sample.samplers)
@@ -131,34 +168,11 @@ def run(params: Params) -> None:
 
         real_m = measure(real_x, real_y)
         metrics = {f"gen.real.{m}": v for m, v in {**real_m, **measure_inception(real_x)}.items() if m != "is_std"}
-        rows = []
-        for (sampler, variant), obj in progress(sets.items(), desc="score", total=len(sets)):
-            k = f"gen.{sampler}.{variant}"
-            final = measure(obj["x"], obj["y"])
-            metrics.update({f"{k}.is": final["is"], f"{k}.fid": final["fid"], f"{k}.diversity": final["diversity"],
-                            f"{k}.steps": float(obj["steps_used"].float().mean())})
-            metrics.update({f"{k}.{m}": v for m, v in measure_inception(obj["x"]).items()})
-            rows.append({"sampler": sampler, "variant": variant, "steps": params.sample.steps, **final})
-            for t, snap in obj["snapshots"].items():
-                if int(t) == params.sample.steps:  # the final samples, already scored
-                    continue
-                rows.append({"sampler": sampler, "variant": variant, "steps": int(t), **measure(snap, obj["y"])})
-            log(f"score {sampler} {variant}: IS {final['is']:.3f} FID {final['fid']:.3f} "
-                f"diversity {final['diversity']:.3f} steps {metrics[f'{k}.steps']:.1f}"
-                + (f" Inception FID {metrics[f'{k}.inception_fid']:.2f}" if inc_scorer else ""))
+        rows = score_sets(sets, measure, measure_inception, params.sample.steps, metrics)
     finally:
         scorer.close()
         if inc_scorer:
             inc_scorer.close()
 
-    metrics = {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}
-    write_json("metrics/score.json", metrics)
-    write_text("metrics/generation.md", table(metrics, samplers, inception_note(inception, inc_reference.shape[0]),
-                                              standard.arch))
-    rows.sort(key=lambda r: (r["sampler"], r["variant"], r["steps"]))
-    write_text("plots/generation/sweep.tsv", "sampler\tvariant\tsteps\tis\tfid\tdiversity\n" + "".join(
-        f"{r['sampler']}\t{r['variant']}\t{r['steps']}\t{r['is']:.5g}\t{r['fid']:.5g}\t{r['diversity']:.5g}\n"
-        for r in rows))
-    fig = figure(rows, real_m)
-    save_figure("plots/generation/quality_diversity.png", fig)
-    plt.close(fig)
+    write_outputs(metrics, rows, real_m, table_text=lambda m: table(
+        m, samplers, inception_note(inception, inc_reference.shape[0]), standard.arch))
