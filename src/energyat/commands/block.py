@@ -391,11 +391,9 @@ class Runner:
         rec["why"] = why
         log(f"block {name}: skipping {job}: {why}")
 
-    def _job(self, name, spec, job, rec, work, out, params, n_train) -> None:
-        from ..stages import evaluate, train
-
-        run_name, variant = job.rsplit(".", 1)
-        rc = params.variant_run(run_name, variant)
+    def _budget(self, name, spec, job, rc, variant, work, n_train) -> dict:
+        """The job's expected seconds (training left, evaluation) and whether it starts: `paper_blocks.starts`."""
+        run_name = job.rsplit(".", 1)[0]
         # a late-DER run forks from its base run's state when that ran in this block (train.py): it trains its DER
         # epochs only
         first = rc.der.first_epoch(rc.train.epochs) if variant == "der" and rc.train.method in MULTI_STEP else 1
@@ -411,9 +409,18 @@ class Runner:
         whole = self.ns.deadline - paper_blocks.COMMAND_RESUME if self.ns.deadline else math.inf
         epoch = max(cost.epochs, default=0.0) * paper_blocks.GPU_FACTOR[self.gpu] * self.scale("train")
         can = done < len(cost.epochs) and left >= cost.start * paper_blocks.GPU_FACTOR[self.gpu] + 2 * epoch
-        decision = paper_blocks.starts(need, left, whole, can, self.next_whole())
+        return {"decision": paper_blocks.starts(need, left, whole, can, self.next_whole()), "need": need,
+                "left": left, "offset": offset, "done": done, "train_prior": train_prior, "after_prior": after_prior}
+
+    def _job(self, name, spec, job, rec, work, out, params, n_train) -> None:
+        from ..stages import train
+
+        run_name, variant = job.rsplit(".", 1)
+        rc = params.variant_run(run_name, variant)
+        b = self._budget(name, spec, job, rc, variant, work, n_train)
+        decision, left, done, offset, train_prior = b["decision"], b["left"], b["done"], b["offset"], b["train_prior"]
         if decision == "skip":
-            self._skip(name, job, rec, f"estimated {need:.0f} s, {max(left, 0):.0f} s left")
+            self._skip(name, job, rec, f"estimated {b['need']:.0f} s, {max(left, 0):.0f} s left")
             return
         cmd = {"at": _now(), **self.env}
         rec.setdefault("commands", []).append(cmd)
@@ -445,6 +452,13 @@ class Runner:
             self._finish(rec, work, job)
             log(f"block {name}: {job} trained in {t1 - t0:.0f} s; {_clock() - self.start:.0f} s since the start")
             return
+        self._evaluate(name, job, rec, cmd, work, out, params, b["after_prior"], t0, t1)
+
+    def _evaluate(self, name, job, rec, cmd, work, out, params, after_prior, t0, t1) -> None:
+        """A trained job's evaluation, deferred to the next command when it no longer fits the time left."""
+        from ..stages import evaluate
+
+        run_name, variant = job.rsplit(".", 1)
         eval_need = self.scale("evaluate") * after_prior
         if eval_need > self.left():
             cmd["deferred"] = f"evaluation deferred: estimated {eval_need:.0f} s, {max(self.left(), 0):.0f} s left"
