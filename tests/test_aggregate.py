@@ -19,7 +19,7 @@ from test_pipeline import BIN, COPY_IGNORE, ROOT, dvc, synthetic_tarball, tiny_p
 from energyat import cli
 from energyat.commands import aggregate as stage
 from energyat.errors import UserError
-from energyat.studies import co_study, seeds
+from energyat.studies import co_study, reevaluation, seeds
 
 T975_2 = 4.302652729749464  # Student t, 97.5 % quantile, 2 degrees of freedom (3 seeds)
 T975_1 = 12.706204736174707  # 1 degree of freedom (2 seeds)
@@ -265,8 +265,9 @@ def test_robust_overfitting_gap_and_der_gain_paired_over_seeds():
 
 
 def test_robust_overfitting_reports_the_worst_case_and_the_paired_attack_check():
-    """With per-image worst-case accuracies and the PGD-vs-APGD check in the eval files, the RO table gains the
-    worst-case gap, the worst-case DER gain, and the check per seed."""
+    """With per-image worst-case accuracies (AutoAttack not run: PGD + APGD) and the PGD-vs-APGD check in the eval
+    files, the RO table gains the PGD + APGD gap, its DER gain, and the check per seed; no AutoAttack or worst-case
+    row (without AutoAttack the worst case is PGD + APGD's)."""
     runs = {"pgd": {"method": "pgd", "eps": 0.2}}
 
     def ev(best, last, worst_best, worst_last, missed):
@@ -281,21 +282,21 @@ def test_robust_overfitting_reports_the_worst_case_and_the_paired_attack_check()
     groups, _ = seeds.group(seeds.experiments(show(experiments=rows), head=None)[0])
     rep = seeds.report(groups, {})
     ro = rep["groups"][0]["robust_overfitting"]["pgd"]
-    assert ro["gap_worst"]["base"]["values"] == pytest.approx([0.03] * 3)
-    assert ro["der_gain_last"]["worst_acc"]["values"] == pytest.approx([0.01, 0.02, 0.03])
+    assert ro["gap_pgd_apgd"]["base"]["values"] == pytest.approx([0.03] * 3)
+    assert ro["der_gain_last"]["pgd_apgd_acc"]["values"] == pytest.approx([0.01, 0.02, 0.03])
     assert ro["attack_check"]["der.last"][2] == {"pgd_missed": 12, "apgd_missed": 0, "n": 1000, "p": 0.5 ** 12}
     # the worst-case gap with DER: 0.01 in every seed, against 0.03 without: a change of -0.02
-    assert ro["gap_change_worst"]["values"] == pytest.approx([-0.02] * 3)
-    # Holm's family is the whole table: 3 rows of the PGD gap, 3 of the worst-case gap, 4 DER gains (clean, PGD-50,
-    # worst)
-    held = [r for r in (*ro["gap"].values(), ro["gap_change"], *ro["gap_worst"].values(), ro["gap_change_worst"],
-                        *ro["der_gain_last"].values()) if r["paired_t_p"] is not None]
+    assert ro["gap_change_pgd_apgd"]["values"] == pytest.approx([-0.02] * 3)
+    assert set(ro["der_gain_last"]) == {"clean_acc", "pgd50_acc", "pgd_apgd_acc"}
+    # Holm's family is the whole table: 3 rows of the PGD gap, 3 of the PGD + APGD gap, 3 DER gains
+    held = [r for r in (*ro["gap"].values(), ro["gap_change"], *ro["gap_pgd_apgd"].values(),
+                        ro["gap_change_pgd_apgd"], *ro["der_gain_last"].values()) if r["paired_t_p"] is not None]
     assert all(r["paired_t_p_holm"] >= r["paired_t_p"] for r in held)
-    gain = ro["der_gain_last"]["worst_acc"]  # +1, +2, +3 points: t = 2 / (1 / sqrt 3)
+    gain = ro["der_gain_last"]["pgd_apgd_acc"]  # +1, +2, +3 points: t = 2 / (1 / sqrt 3)
     assert gain["paired_t_p"] == pytest.approx(2 * sps.t.sf(2 * math.sqrt(3), 2))
     md = seeds.markdown(rep)
-    assert "| DER gain, last checkpoint, worst case | +2.0 ± 1.0 | [-0.5, +4.5] |" in md
-    assert "| gap change with DER (DER − base) worst case | -2.0 ± 0.0 |" in md
+    assert "| DER gain, last checkpoint, PGD-50 + APGD | +2.0 ± 1.0 | [-0.5, +4.5] |" in md
+    assert "| gap change with DER (DER − base) PGD-50 + APGD | -2.0 ± 0.0 |" in md
     assert "| + DER, last | 12 / 0 of 1000 (p < 0.001) | 12 / 0 of 1000 (p < 0.001) | 12 / 0 of 1000 (p < 0.001) |" in md
     assert "| base, best | 2 / 0 of 1000 (p 0.250) |" in md
 
@@ -605,3 +606,62 @@ def test_two_queued_seeds_aggregate(tmp_path):
         assert s["std"] == pytest.approx(np.std(values, ddof=1), abs=1e-12)
         assert s["hi"] - s["mean"] == pytest.approx(T975_1 * s["std"] / math.sqrt(2), abs=1e-12)
     assert "## pooled experiments (2 seeds: 0, 1)" in (repo / "metrics/seeds.md").read_text()
+
+
+def test_a_reevaluation_of_the_last_checkpoints_joins_the_study_flags():
+    """AutoAttack run later on the last checkpoints (experiments differing only in `evaluate.*`): its flags join the
+    study's where the shared evaluations agree image by image, and the RO table gains AutoAttack and the worst case
+    on AutoAttack's images; a re-evaluation that disagrees (another model) is left out with a note."""
+    runs = {"pgd": {"method": "pgd", "eps": 0.2}}
+    study_eval, again_eval = {"autoattack": False, "checkpoints": ["best", "last"]}, {"autoattack": True,
+                                                                                      "checkpoints": ["last"]}
+    kept = {"test_sha256": "abc", "eps": 0.2}
+    last = {"base": ("1111000000", "1100"), "der": ("1111100000", "1110")}  # last.pgd50 (10 images), last.apgd (4)
+
+    def study_flags(v):
+        return {**kept, "n": 10, "apgd_n": 4, "best.clean": "1111111110", "best.pgd50": "1111110000",
+                "best.apgd": "1111", "last.clean": "1111111110", "last.pgd50": last[v][0], "last.apgd": last[v][1]}
+
+    aa = {"base": ("10", "10", "10"), "der": ("11", "11", "10")}  # per seed, on the first 2 images
+    rows, flags = [], {}
+    for i in range(3):
+        rev, again = str(i + 1) * 40, str(i + 4) * 40
+        rows += [exp(f"ro-s{i}", rev, {**params(i, runs=runs), "evaluate": study_eval},
+                     {f"metrics/eval/pgd.{v}.json": {**ro_eval(0.6, 0.4, 0.9), "n_examples": 10} for v in ("base", "der")}),
+                 exp(f"roaa-s{i}", again, {**params(i, runs=runs), "evaluate": again_eval},
+                     {f"metrics/eval/pgd.{v}.json": {"last.aa_acc": 0.5, "n_examples": 4} for v in ("base", "der")})]
+        for v in ("base", "der"):
+            flags[rev, "pgd", v] = study_flags(v)
+            flags[again, "pgd", v] = {**kept, "n": 4, "apgd_n": 4, "aa_n": 2, "last.clean": "1111",
+                                      "last.pgd50": last[v][0][:4], "last.apgd": last[v][1], "last.aa": aa[v][i]}
+    flags["6" * 40, "pgd", "der"]["last.clean"] = "0111"  # seed 2's DER re-evaluation is of another model
+    found, _ = seeds.experiments(show(experiments=rows), head=None)
+    study = seeds.pool([e for e in found if e.name.startswith("ro-")])
+    again = [r for m in study.members for r in reevaluation.of(m, found)]
+    assert [r.name for r in again] == ["roaa-s0", "roaa-s1", "roaa-s2"]  # not the study's other seeds
+    joined_flags, joined, notes = reevaluation.with_reevaluations([study], again, flags)
+    assert notes == ["roaa-s2: pgd.der not joined to ro-s2: last.clean differs on 1 of the 4 images both cover "
+                     "(not the same model or attack)"]
+    assert joined_flags["1" * 40, "pgd", "base"]["last.aa"] == "10" and "last.aa" not in joined_flags["3" * 40,
+                                                                                                  "pgd", "der"]
+    ro = seeds.report([study], joined_flags, joined=joined)["groups"][0]["robust_overfitting"]["pgd"]
+    # seed 2 lacks the DER model's AutoAttack: no AutoAttack or worst-case row; with it joined they appear
+    assert set(ro["der_gain_last"]) == {"clean_acc", "pgd50_acc", "pgd_apgd_acc"}
+    flags["6" * 40, "pgd", "der"]["last.clean"] = "1111"
+    joined_flags, joined, notes = reevaluation.with_reevaluations([study], again, flags)
+    rep = seeds.report([study], joined_flags, joined=joined)
+    ro = rep["groups"][0]["robust_overfitting"]["pgd"]
+    # AutoAttack: base 1/2, DER 2/2, 2/2, 1/2; the worst case adds PGD-50 and APGD, which keep the first 2 images
+    assert ro["der_gain_last"]["aa_acc"]["values"] == pytest.approx([0.5, 0.5, 0.0])
+    assert ro["der_gain_last"]["worst_acc"]["values"] == pytest.approx([0.5, 0.5, 0.0])
+    # PGD + APGD on the 4 APGD images: base 2/4, DER 3/4; best 4/4 in both
+    assert ro["der_gain_last"]["pgd_apgd_acc"]["values"] == pytest.approx([0.25] * 3)
+    assert ro["gap_pgd_apgd"]["base"]["values"] == pytest.approx([0.5] * 3)
+    assert ro["images"] == {"clean_acc": 10, "pgd50_acc": 10, "pgd_apgd_acc": 4, "aa_acc": 2, "worst_acc": 2}
+    # the attack check on the last checkpoint counts AutoAttack's breaks too: of the 4 images PGD-50 left standing,
+    # APGD broke 2 and AutoAttack 1 more (one-sided binomial p 0.5^3)
+    assert ro["attack_check"]["base.last"][0] == {"pgd_missed": 3, "apgd_missed": 0, "n": 4, "p": 0.125}
+    assert [m.get("reevaluated_by") for m in rep["groups"][0]["members"]] == [["roaa-s0"], ["roaa-s1"], ["roaa-s2"]]
+    md = seeds.markdown(rep)
+    assert "Joined from re-evaluations of the same models" in md and "`roaa-s2`" in md
+    assert "| DER gain, last checkpoint, AutoAttack | +33.3 ± 28.9 |" in md

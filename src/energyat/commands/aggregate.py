@@ -13,7 +13,10 @@ metrics/studies/STUDY/ (kilobytes each), so that the aggregates regenerate from 
   refused with one line naming the params that differ.
 - `aggregate --co-study [NAME...]`: the catastrophic-overfitting table (groups of any size; NAMEs restrict the
   candidates) -> metrics/co_study.md + metrics/co_study.json.
-- `aggregate --export STUDY [NAME...]`: the evidence of the named (default: all) experiments of the refs.
+- `aggregate --export STUDY [NAME...]`: the evidence of the named (default: all) experiments of the refs, with
+  the exporting machine's CPU model (`export_cpu`).
+Experiments that differ from a pooled one only in `evaluate.*` params re-evaluate its models (`reevaluation`):
+wherever their per-example flags agree with its own on the images both cover, their other attacks join its flags.
 Experiments that are queued, running, failed or without metrics are skipped with a one-line note on stderr.
 """
 from __future__ import annotations
@@ -26,10 +29,10 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..infra.artifacts import read_json, read_tsv, write_json, write_text
-from ..infra.runtime import log
+from ..infra.runtime import cpu_name, log
 from ..params import VARIANTS, Params
 from ..reporting.tables import family
-from ..studies import co_study, seeds
+from ..studies import co_study, reevaluation, seeds
 
 FLAGS = "metrics/eval/{run}.{variant}.flags.json"
 HISTORY = "plots/history/{run}.{variant}.tsv"
@@ -99,7 +102,8 @@ def _export(study: str, exps: list[seeds.Experiment]) -> None:
         raise UserError("aggregate --export: no finished experiment to export (dvc exp show lists none)")
     for exp in exps:
         folder = STUDIES / study / exp.name
-        write_json(folder / RECORD, seeds.evidence(exp))
+        # the CPU model decides the floating-point bits; experiments in the refs ran here unless pulled from a remote
+        write_json(folder / RECORD, {**seeds.evidence(exp), "export_cpu": cpu_name()})
         for run in seeds.runs_of(exp.params.get(seeds.PARAMS_FILE, {})):
             for variant in VARIANTS:
                 for src, dest in ((FLAGS, "eval/{run}.{variant}.flags.json"), (HISTORY, "history/{run}.{variant}.tsv")):
@@ -145,7 +149,7 @@ def run(params: Params, names: list[str], co: bool = False, export: str = "") ->
         _export(export, seeds.select(live, names) if names else live)
         return
     committed, folders = _committed()
-    exps = seeds.merge(committed, live)
+    exps = everything = seeds.merge(committed, live)
     if not exps and not (co and CO_AGGREGATES_ONLY.is_file()):
         # a clone without refs or evidence: the committed aggregates are all there is, keep them
         raise UserError(f"no experiments to aggregate: no evidence under {STUDIES}/ and no experiment refs; "
@@ -176,9 +180,15 @@ def run(params: Params, names: list[str], co: bool = False, export: str = "") ->
         groups, notes = seeds.group(exps)
     for note in notes:
         log(f"aggregate: {note}")
-    flags = _run_files(groups, folders, "eval/{run}.{variant}.flags.json", FLAGS, read_json)  # for McNemar
+    # experiments that attack the groups' models again (e.g. AutoAttack on the last checkpoints): their flags join
+    reevaluations = {r.rev: r for g in groups for m in g.members for r in reevaluation.of(m, everything)}
+    flags = _run_files([*groups, *(seeds.Group((r,)) for r in reevaluations.values())], folders,
+                       "eval/{run}.{variant}.flags.json", FLAGS, read_json)  # for McNemar and the worst cases
+    flags, joined, notes = reevaluation.with_reevaluations(groups, list(reevaluations.values()), flags)
+    for note in notes:
+        log(f"aggregate: {note}")
     histories = _run_files(groups, folders, "history/{run}.{variant}.tsv", HISTORY, read_tsv)
-    rep = seeds.report(groups, flags, histories)
+    rep = seeds.report(groups, flags, histories, joined)
     write_json("metrics/seeds.json", rep)
     write_text("metrics/seeds.md", seeds.markdown(rep))
     log(f"aggregate: {len(groups)} group(s) of seeds "

@@ -71,6 +71,15 @@ def worst_cases(flag_file: dict | None, checkpoint: str) -> dict[str, list[bool]
     return out
 
 
+def pgd_apgd(flag_file: dict | None, checkpoint: str) -> list[bool] | None:
+    """Correct clean and under every PGD-k and APGD, on APGD's images, whether or not AutoAttack ran as well: the
+    `pgd_apgd` of `worst_cases` where it did, their `worst` where it did not; None without APGD."""
+    parts = components(flag_file, checkpoint)
+    if "apgd" not in parts:
+        return None
+    return _all_correct([f for name, f in parts.items() if name != "aa"], len(parts["apgd"]))
+
+
 def accuracy_vector(flag_file: dict | None, checkpoint: str, metric: str) -> list[bool] | None:
     """Per-example correctness of an accuracy (`clean_acc`, `pgd50_acc`, `aa_acc`, `worst_acc`, `pgd_apgd_acc`, or the
     bare flags names): the worst cases recomputed from the component flags (never a stored `worst` string, which

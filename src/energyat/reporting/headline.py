@@ -201,7 +201,7 @@ def from_studies(study: dict, seeds: dict) -> dict[str, dict]:
                     k.removeprefix("last."): s for k, s in g["metrics"].get(f"metrics/eval/{run}.{variant}.json",
                                                                             {}).items() if k.startswith("last.")}
                 _put(rows, f"ro.{run}.{variant}.last", {**_stat_row(stats, pgd, images), "seeds": n})
-                gaps = {pgd: ro["gap"][variant], "worst_acc": (ro.get("gap_worst") or {}).get(variant)}
+                gaps = {pgd: ro["gap"][variant], "pgd_apgd_acc": (ro.get("gap_pgd_apgd") or {}).get(variant)}
                 _put(rows, f"ro.{run}.{variant}.best-last", {**_seed_difference(gaps, pgd, images), "seeds": n})
             _put(rows, f"ro.{run}.der-base.last", {**_seed_difference(ro["der_gain_last"], pgd, images), "seeds": n})
     return rows

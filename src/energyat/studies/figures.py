@@ -77,21 +77,25 @@ def co_sweep_figure(study: dict) -> Figure:
 def seeds_figure(report: dict) -> Figure:
     """Robust-overfitting study, one row per multi-step run. Left: per seed and as mean with its 95 % t-interval,
     the best − last gap without and with DER and DER's gain on the last checkpoint (percentage points), for the
-    strongest PGD and, where measured, the per-image worst case. Right (where the histories were kept): validation
-    PGD accuracy per epoch, mean over seeds with its 95 % t-interval, without and with DER."""
+    strongest PGD, PGD + APGD and, where measured, AutoAttack and the per-image worst case. Right (where the
+    histories were kept): validation PGD accuracy per epoch, mean over seeds with its 95 % t-interval, without and
+    with DER."""
     rows = [(g["label"], run, ro) for g in report["groups"] for run, ro in (g.get("robust_overfitting") or {}).items()]
     fig = Figure(figsize=(13, 1.4 + 2.2 * max(1, len(rows))))
     axes = fig.subplots(max(1, len(rows)), 2, squeeze=False, gridspec_kw={"width_ratios": [1.2, 1]})
     for (ax, curve), (label, run, ro) in zip(axes, rows):
         pgd = ro["pgd"].removesuffix("_acc").upper()
-        worst = ro.get("gap_worst", {})
+        both = ro.get("gap_pgd_apgd", {})
+        gain = ro["der_gain_last"]
         quantities = [(f"best − last {pgd}, {METHOD_NAMES.get(ro['method'], run)}", ro["gap"]["base"]),
                       (f"best − last {pgd}, + DER", ro["gap"]["der"]),
-                      ("best − last worst case, base", worst.get("base")),
-                      ("best − last worst case, + DER", worst.get("der")),
-                      (f"DER gain, last {pgd}", ro["der_gain_last"][ro["pgd"]]),
-                      ("DER gain, last worst case", ro["der_gain_last"].get("worst_acc")),
-                      ("DER gain, last clean", ro["der_gain_last"].get("clean_acc"))]
+                      (f"best − last {pgd} + APGD, base", both.get("base")),
+                      (f"best − last {pgd} + APGD, + DER", both.get("der")),
+                      (f"DER gain, last {pgd}", gain[ro["pgd"]]),
+                      (f"DER gain, last {pgd} + APGD", gain.get("pgd_apgd_acc")),
+                      ("DER gain, last AutoAttack", gain.get("aa_acc")),
+                      ("DER gain, last worst case", gain.get("worst_acc")),
+                      ("DER gain, last clean", gain.get("clean_acc"))]
         quantities = [(name, s) for name, s in quantities if s]
         for y, (name, s) in enumerate(quantities):
             ax.plot([100 * v for v in s["values"]], [y] * len(s["values"]), "o", color="C0", alpha=0.6)

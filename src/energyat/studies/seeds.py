@@ -386,27 +386,111 @@ def own_flags(fl: dict | None, ev: dict) -> dict | None:
 
 def accuracy(ev: dict, fl: dict | None, checkpoint: str, key: str) -> tuple[float | None, int | None]:
     """One checkpoint's accuracy `key` and the images it counts. A worst case comes from the per-example flags where
-    they were kept (`flags.worst_cases`), else from the evaluate JSON where it is taken over the same images; the
-    other accuracies from the evaluate JSON, with the image count of their flags where kept."""
-    f = flagfile.accuracy_vector(fl, checkpoint, key) if fl is not None else None
-    if key.removesuffix("_acc") in flagfile.WORST_CASES:
+    they were kept (`flags.worst_cases`; `pgd_apgd_acc`: PGD + APGD on APGD's images, `flags.pgd_apgd`, also where
+    AutoAttack did not run), else from the evaluate JSON where it is taken over the same images; the other
+    accuracies from the evaluate JSON, with the image count of their flags where kept, or from the flags alone
+    where only they hold it (an evaluation joined from a re-evaluation, `reevaluation`)."""
+    name = key.removesuffix("_acc")
+    f = None
+    if fl is not None:
+        f = flagfile.pgd_apgd(fl, checkpoint) if name == "pgd_apgd" else flagfile.accuracy_vector(fl, checkpoint, key)
+    if name in flagfile.WORST_CASES:
         if fl is not None:
             return (sum(f) / len(f), len(f)) if f else (None, None)
+        if name == "pgd_apgd" and not ev.get("aa_examples") and f"{checkpoint}.{key}" not in ev:
+            key = "worst_acc"  # without AutoAttack the worst case is PGD + APGD's
         if key == "worst_acc" and not same_worst_case(ev):
             return None, None
     value = ev.get(f"{checkpoint}.{key}")
     if value is None:
-        return None, None
+        return (sum(f) / len(f), len(f)) if f else (None, None)
     return value, len(f) if f else ev.get(EXAMPLES.get(key, "n_examples"))
+
+
+class _RunAccuracies:
+    """One run's accuracies over a group's seeds, per variant, checkpoint and key (`accuracy`), and their pairing."""
+
+    def __init__(self, members: tuple[Experiment, ...], run: str, evals: dict, fls: dict):
+        self.members, self.run, self.evals, self.fls = members, run, evals, fls
+        self.found: dict[tuple, list] = {}
+
+    def __call__(self, v: str, ck: str, key: str) -> list[tuple[float | None, int | None]]:
+        if (v, ck, key) not in self.found:
+            self.found[v, ck, key] = [accuracy(e, fl, ck, key) for e, fl in zip(self.evals[v], self.fls[v])]
+        return self.found[v, ck, key]
+
+    def values(self, v: str, ck: str, key: str) -> list:
+        return [a for a, _ in self(v, ck, key)]
+
+    def has(self, key: str, checkpoints=("best", "last")) -> bool:
+        return all(a is not None for v in VARIANTS for ck in checkpoints for a in self.values(v, ck, key))
+
+    def images(self, key: str, checkpoints=("best", "last")) -> int | None:
+        """The test images per seed `key` counts, where one count holds for every seed, variant and checkpoint of
+        `checkpoints` that has it."""
+        counts = {n for v in VARIANTS for ck in checkpoints for a, n in self(v, ck, key) if a is not None}
+        return counts.pop() if len(counts) == 1 and None not in counts else None
+
+    def paired(self, va: str, cka: str, vb: str, ckb: str, key: str) -> dict:
+        """(vb, ckb) − (va, cka) over seeds (`paired_over_seeds`), McNemar per seed where both flags were kept."""
+        pairs = [flagfile.pair(fa, cka, fb, ckb, key, (f"{m.name}: {flagfile.PATH.format(run=self.run, variant=va)}",
+                                                       f"{m.name}: {flagfile.PATH.format(run=self.run, variant=vb)}"))
+                 if key != "pgd_apgd_acc" else _pgd_apgd_pair(fa, cka, fb, ckb)
+                 for m, fa, fb in zip(self.members, self.fls[va], self.fls[vb])]
+        return paired_over_seeds(self.values(va, cka, key), self.values(vb, ckb, key), pairs)
+
+    def attack_check(self, v: str, ck: str) -> list[dict] | None:
+        """Per seed the paired attack check from the flags where kept (with every attack joined to them), else as
+        the evaluate JSON has it; None where a seed has neither."""
+        keys = ("pgd_missed", "apgd_missed", "n", "p")
+        out = [flagfile.attack_check(fl, ck) if fl is not None else
+               ({k: e.get(f"{ck}.check.{k}") for k in keys} if f"{ck}.check.p" in e else None)
+               for e, fl in zip(self.evals[v], self.fls[v])]
+        return [{k: c[k] for k in keys} for c in out] if all(out) else None
+
+
+def _pgd_apgd_pair(fa: dict | None, cka: str, fb: dict | None, ckb: str) -> tuple | None:
+    """`flags.pgd_apgd` of two files on the same images, as `flags.pair` pairs the other accuracies."""
+    a, b = flagfile.pgd_apgd(fa, cka) if fa else None, flagfile.pgd_apgd(fb, ckb) if fb else None
+    if a is None or b is None or fa.get("test_sha256") != fb.get("test_sha256") or len(a) != len(b):
+        return None
+    return a, b
+
+
+def _ro_run(cfg: dict, pgd: str, acc: _RunAccuracies, hist: dict) -> dict:
+    """The robust-overfitting table of one run (`robust_overfitting`)."""
+    res = {"method": cfg["method"], "pgd": pgd}
+    for name, key in (("", pgd), ("_pgd_apgd", "pgd_apgd_acc")):
+        if key == pgd or acc.has(key):
+            res[f"gap{name}"] = {v: acc.paired(v, "last", v, "best", key) for v in VARIANTS}
+            res[f"gap_change{name}"] = paired_over_seeds(res[f"gap{name}"]["base"]["values"],
+                                                         res[f"gap{name}"]["der"]["values"])
+    # the worst case beside PGD + APGD only where AutoAttack ran (without it they are one quantity)
+    keys = [k for k in ("clean_acc", pgd, "pgd_apgd_acc", "aa_acc", "worst_acc") if acc.has(k, ("last",))
+            and (k != "worst_acc" or acc.has("aa_acc", ("last",)))]
+    res["der_gain_last"] = {k: acc.paired("base", "last", "der", "last", k) for k in keys}
+    res["levels"] = {v: {k: summarize(acc.values(v, "last", k)) for k in keys} for v in VARIANTS}
+    res["images"] = {k: n for k in keys if (n := acc.images(k, ("last",))) is not None}  # the gaps': the same
+    res["attack_check"] = {f"{v}.{ck}": check for v in VARIANTS for ck in ("best", "last")
+                           if (check := acc.attack_check(v, ck))}
+    if all(h for v in VARIANTS for h in hist[v]):
+        res["epochs"] = {v: epoch_bands(hist[v]) for v in VARIANTS}
+    rows = [*res["gap"].values(), res["gap_change"], *res.get("gap_pgd_apgd", {}).values(),
+            *([res["gap_change_pgd_apgd"]] if "gap_change_pgd_apgd" in res else []),
+            *res["der_gain_last"].values()]  # one table, one family
+    for row, p in zip(rows, stats.holm([r["paired_t_p"] for r in rows])):
+        row["paired_t_p_holm"] = p
+    return res
 
 
 def robust_overfitting(g: Group, flags: dict[tuple[str, str, str], dict],
                        histories: dict[tuple[str, str, str], list[dict]] | None = None) -> dict[str, dict]:
     """Per multi-step run of the group (with base and DER eval files in every seed): the best − last gap of the
-    strongest PGD accuracy and of the worst case per variant (b = best, a = last), the change of each gap with DER,
-    the DER gain on the last checkpoint per accuracy key, the last checkpoint's accuracies over seeds (`levels`) and
-    the test images per seed each key counts (`images`). Accuracies come from the per-example flags where kept
-    (`accuracy`). `flags`: (rev, run, variant) -> that evaluate flags file's content."""
+    strongest PGD accuracy and of PGD + APGD per variant (b = best, a = last), the change of each gap with DER, the
+    DER gain on the last checkpoint per accuracy (with AutoAttack and the worst case over every attack where
+    AutoAttack ran on the last checkpoints), the last checkpoint's accuracies over seeds (`levels`), the test
+    images per seed each key counts (`images`) and the paired attack check. Accuracies come from the per-example
+    flags where kept (`accuracy`). `flags`: (rev, run, variant) -> that evaluate flags file's content."""
     out = {}
     for run, cfg in g.runs().items():
         if family(cfg["method"]) != "ro":
@@ -418,60 +502,23 @@ def robust_overfitting(g: Group, flags: dict[tuple[str, str, str], dict],
         if pgd is None or not all(f"{ck}.{pgd}" in e for v in VARIANTS for e in evals[v] for ck in ("best", "last")):
             continue
         fls = {v: [own_flags(flags.get((m.rev, run, v)), e) for m, e in zip(g.members, evals[v])] for v in VARIANTS}
-        found = {(v, ck, key): [accuracy(e, fl, ck, key) for e, fl in zip(evals[v], fls[v])]
-                 for v in VARIANTS for ck in ("best", "last") for key in ("clean_acc", pgd, *ACCURACY_KEYS[1:])}
-
-        def values(v, ck, key):
-            return [a for a, _ in found[v, ck, key]]
-
-        def has(key, checkpoints=("best", "last")):
-            return all(a is not None for v in VARIANTS for ck in checkpoints for a in values(v, ck, key))
-
-        def pairs(va, cka, vb, ckb, key):
-            return [flagfile.pair(fa, cka, fb, ckb, key, (f"{m.name}: {flagfile.PATH.format(run=run, variant=va)}",
-                                                          f"{m.name}: {flagfile.PATH.format(run=run, variant=vb)}"))
-                    for m, fa, fb in zip(g.members, fls[va], fls[vb])]
-
-        def gaps(key):
-            return {v: paired_over_seeds(values(v, "last", key), values(v, "best", key),
-                                         pairs(v, "last", v, "best", key)) for v in VARIANTS}
-
-        res = {"method": cfg["method"], "pgd": pgd, "gap": gaps(pgd)}
-        res["gap_change"] = paired_over_seeds(res["gap"]["base"]["values"], res["gap"]["der"]["values"])
-        if has("worst_acc"):
-            res["gap_worst"] = gaps("worst_acc")  # per image over every attack run on the same images
-            res["gap_change_worst"] = paired_over_seeds(res["gap_worst"]["base"]["values"],
-                                                        res["gap_worst"]["der"]["values"])
-        keys = [k for k in ("clean_acc", pgd, *ACCURACY_KEYS[1:]) if has(k, ("last",))]
-        res["der_gain_last"] = {k: paired_over_seeds(values("base", "last", k), values("der", "last", k),
-                                                     pairs("base", "last", "der", "last", k)) for k in keys}
-        res["levels"] = {v: {k: summarize(values(v, "last", k)) for k in keys} for v in VARIANTS}
-        counts = {k: {n for v in VARIANTS for ck in ("best", "last") for _, n in found[v, ck, k]} for k in keys}
-        res["images"] = {k: n.pop() for k, n in counts.items() if len(n) == 1 and None not in n}
-        res["attack_check"] = {  # per seed: images PGD left standing that APGD/AutoAttack broke, the reverse, p
-            f"{v}.{ck}": [{k: e.get(f"{ck}.check.{k}") for k in ("pgd_missed", "apgd_missed", "n", "p")}
-                          for e in evals[v]]
-            for v in VARIANTS for ck in ("best", "last") if all(f"{ck}.check.p" in e for e in evals[v])}
         hist = {v: [(histories or {}).get((m.rev, run, v)) for m in g.members] for v in VARIANTS}
-        if all(h for v in VARIANTS for h in hist[v]):
-            res["epochs"] = {v: epoch_bands(hist[v]) for v in VARIANTS}
-        rows = [*res["gap"].values(), res["gap_change"], *res.get("gap_worst", {}).values(),
-                *([res["gap_change_worst"]] if "gap_change_worst" in res else []),
-                *res["der_gain_last"].values()]  # one table, one family
-        for row, p in zip(rows, stats.holm([r["paired_t_p"] for r in rows])):
-            row["paired_t_p_holm"] = p
-        out[run] = res
+        out[run] = _ro_run(cfg, pgd, _RunAccuracies(g.members, run, evals, fls), hist)
     return out
 
 
 # ------------------------------------------------------------------------------------------------ output
 
 def report(groups: list[Group], flags: dict[tuple[str, str, str], dict],
-           histories: dict[tuple[str, str, str], list[dict]] | None = None) -> dict:
-    """The JSON of metrics/seeds.json. `histories`: (rev, run, variant) -> that run's per-epoch history rows."""
+           histories: dict[tuple[str, str, str], list[dict]] | None = None,
+           joined: dict[str, list[str]] | None = None) -> dict:
+    """The JSON of metrics/seeds.json. `histories`: (rev, run, variant) -> that run's per-epoch history rows;
+    `joined`: member rev -> the re-evaluations whose flags joined its own (`reevaluation.with_reevaluations`)."""
+    joined = joined or {}
     return {"groups": [
         {"id": g.id, "label": label, "seeds": g.seeds,
-         "members": [{"name": m.name, "rev": m.rev, "baseline": m.baseline, "seed": m.seed} for m in g.members],
+         "members": [{"name": m.name, "rev": m.rev, "baseline": m.baseline, "seed": m.seed,
+                      **({"reevaluated_by": joined[m.rev]} if joined.get(m.rev) else {})} for m in g.members],
          "params": g.params, "metrics": metric_stats(g),
          "robust_overfitting": robust_overfitting(g, flags, histories)}
         for g, label in zip(groups, labels(groups))]}
@@ -497,7 +544,7 @@ def _row(key: str, s: dict) -> str:
     return f"| {key} | {_g(s['mean'])} ± {_g(s['std'])} | [{_g(s['lo'])}, {_g(s['hi'])}] | {s['n']} | {seeds} |"
 
 
-def _ro_lines(run: str, ro: dict, seeds: list) -> list[str]:
+def _ro_lines(run: str, ro: dict, seeds: list, joined: list[str] = ()) -> list[str]:
     name = METHOD_NAMES.get(ro["method"], ro["method"])
     pgd = f"PGD-{ro['pgd'][3:-4]}"
     lines = [f"**Robust overfitting, run `{run}` ({name})**: percentage points, mean ± std over seeds [95 % "
@@ -513,23 +560,23 @@ def _ro_lines(run: str, ro: dict, seeds: list) -> list[str]:
         mean, std, lo, hi = (fmt_points(d[k]) for k in ("mean", "std", "lo", "hi"))
         return f"| {label} | {mean} ± {std.lstrip('+')} | [{lo}, {hi}] | {t} | {mc} |"
 
-    for v in VARIANTS:
-        lines.append(row(f"best − last {pgd}, {'base' if v == 'base' else '+ DER'}", ro["gap"][v]))
-    lines.append(row(f"gap change with DER (DER − base) {pgd}", ro["gap_change"]))
-    for v, d in ro.get("gap_worst", {}).items():
-        lines.append(row(f"best − last worst case, {'base' if v == 'base' else '+ DER'}", d))
-    if "gap_change_worst" in ro:
-        lines.append(row("gap change with DER (DER − base) worst case", ro["gap_change_worst"]))
+    names = {"clean_acc": "clean", "aa_acc": "AutoAttack", "worst_acc": "worst case", ro["pgd"]: pgd,
+             "pgd_apgd_acc": f"{pgd} + APGD"}
+    for gap, key in (("gap", ro["pgd"]), ("gap_pgd_apgd", "pgd_apgd_acc")):
+        for v, d in ro.get(gap, {}).items():
+            lines.append(row(f"best − last {names[key]}, {'base' if v == 'base' else '+ DER'}", d))
+        if f"gap_change{gap[3:]}" in ro:
+            lines.append(row(f"gap change with DER (DER − base) {names[key]}", ro[f"gap_change{gap[3:]}"]))
     for k, d in ro["der_gain_last"].items():
-        label = {"clean_acc": "clean", "aa_acc": "AutoAttack", "worst_acc": "worst case",
-                 "pgd_apgd_acc": f"{pgd} + APGD"}.get(k, f"PGD-{k[3:-4]}")
-        lines.append(row(f"DER gain, last checkpoint, {label}", d))
+        lines.append(row(f"DER gain, last checkpoint, {names.get(k, f'PGD-{k[3:-4]}')}", d))
     if images := ro.get("images"):
-        names = {"clean_acc": "clean", "aa_acc": "AutoAttack", "worst_acc": "worst case",
-                 "pgd_apgd_acc": f"{pgd} + APGD", ro["pgd"]: pgd}
         lines += ["", "Test images per seed: " + ", ".join(f"{names.get(k, k)} {n}" for k, n in images.items())
-                  + " (worst case: an image counts when it survives every attack run on it, on the images every attack "
-                  "ran on)."]
+                  + f" ({pgd} + APGD: an image counts when it survives both"
+                  + ("; worst case: when it survives every attack run on it, on the images every attack ran on)."
+                     if "worst_acc" in images else ").")]
+    if joined:
+        lines += ["", "Joined from re-evaluations of the same models (per-example flags identical on the images both "
+                  "evaluated): " + ", ".join(f"`{name}`" for name in joined) + "."]
     if ro.get("attack_check"):
         lines += ["", "Paired attack check per seed (images the PGD attack left standing that APGD / AutoAttack "
                       "broke, the reverse, of n; exact one-sided binomial p, unadjusted):", "",
@@ -563,7 +610,7 @@ def markdown(rep: dict) -> str:
                   "Members: " + ", ".join(f"`{m['name']}` ({m['rev'][:7]}, seed {m['seed']})" for m in g["members"])
                   + "; baseline commit(s): " + ", ".join(sorted({m["baseline"][:7] for m in g["members"]})) + ".", ""]
         for run, ro in g["robust_overfitting"].items():
-            lines += _ro_lines(run, ro, g["seeds"])
+            lines += _ro_lines(run, ro, g["seeds"], [n for m in g["members"] for n in m.get("reevaluated_by", [])])
         # a summary.json equal in every seed is the baseline's, not re-made by the experiments (they ran no
         # `report`): the stage files then carry the results
         summary = g["metrics"].get(SUMMARY)
