@@ -72,7 +72,7 @@ def profiled(loop, xb, yb, steps: int) -> dict:
                     for e in top]}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="gpu-profile", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
@@ -82,7 +82,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=2.0, help="timed seconds per throughput figure")
     parser.add_argument("--compile-deadline", type=float, default=150.0,
                         help="start no torch.compile measurement after this many seconds of the run")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def throughputs(record, new_model, run: P.RunCfg, device: torch.device, batches: list[int], seconds: float) -> None:
+    """img/s of our step (bf16 with and without CUDA graphs, fp32) without and with DER, and of the plain fp32
+    loop, at each batch size."""
+    for batch in batches:
+        xb, yb = bench.batch_for((3, 32, 10), batch, device)
+        for der in (False, True):
+            name = f"pgd{'.der' if der else ''}.b{batch}"
+            record(f"{name}.bf16", bench.throughput(bench.Ours(new_model(), run, device, der), xb, yb, seconds))
+            record(f"{name}.bf16_eager", bench.throughput(bench.Ours(new_model(), run, device, der, cuda_graphs=False),
+                                                          xb, yb, seconds))
+            with fp32_training():
+                record(f"{name}.fp32", bench.throughput(bench.Ours(new_model(), run, device, der), xb, yb, seconds))
+        with torch_default_backends(device):
+            plain = bench.Reference(new_model(), run, device, bench.Precision(False, False), False)
+            record(f"pgd.plain_fp32.b{batch}", bench.throughput(plain, xb, yb, seconds))
+
+
+def compiled(record, new_model, run: P.RunCfg, device: torch.device, xb, yb, seconds: float, begin: float,
+             deadline: float) -> None:
+    """Warm-up seconds and img/s of our step with the network under torch.compile, without and with DER, each
+    started only before `deadline` seconds of the run."""
+    for der in (False, True):
+        if time.perf_counter() - begin > deadline:
+            record("compile", f"not measured: past --compile-deadline {deadline:.0f} s")
+            break
+        loop = bench.Ours(new_model(), run, device, der)
+        loop.trainer.model.compile()  # in place: the step's own references to the network stay valid
+        start = time.perf_counter()
+        bench.timed_steps(loop, xb, yb, torch.Generator(device=device).manual_seed(0), 3)
+        record(f"compile.pgd{'.der' if der else ''}.b{len(xb)}.warmup_seconds", time.perf_counter() - start)
+        record(f"compile.pgd{'.der' if der else ''}.b{len(xb)}.bf16", bench.throughput(loop, xb, yb, seconds))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     begin = time.perf_counter()
     params, run = pgd_run(args.preset, args.device, args.tiny)
     device = setup(params)
@@ -101,35 +138,13 @@ def main(argv: list[str] | None = None) -> int:
         write_json(args.out, out)
         log(f"gpu-profile {key}: {json.dumps(value) if not isinstance(value, float) else f'{value:.1f}'}")
 
-    for batch in batches:
-        xb, yb = bench.batch_for((3, 32, 10), batch, device)
-        for der in (False, True):
-            name = f"pgd{'.der' if der else ''}.b{batch}"
-            record(f"{name}.bf16", bench.throughput(bench.Ours(new_model(), run, device, der), xb, yb, seconds))
-            record(f"{name}.bf16_eager", bench.throughput(bench.Ours(new_model(), run, device, der, cuda_graphs=False),
-                                                          xb, yb, seconds))
-            with fp32_training():
-                record(f"{name}.fp32", bench.throughput(bench.Ours(new_model(), run, device, der), xb, yb, seconds))
-        with torch_default_backends(device):
-            plain = bench.Reference(new_model(), run, device, bench.Precision(False, False), False)
-            record(f"pgd.plain_fp32.b{batch}", bench.throughput(plain, xb, yb, seconds))
-
+    throughputs(record, new_model, run, device, batches, seconds)
     xb, yb = bench.batch_for((3, 32, 10), batches[0], device)
     for der in (False, True):
         for graphs in (True, False):
             record(f"profile.pgd{'.der' if der else ''}.b{batches[0]}.bf16{'' if graphs else '_eager'}",
                    profiled(bench.Ours(new_model(), run, device, der, cuda_graphs=graphs), xb, yb, 3))
-
-    for der in (False, True):
-        if time.perf_counter() - begin > args.compile_deadline:
-            record("compile", f"not measured: past --compile-deadline {args.compile_deadline:.0f} s")
-            break
-        loop = bench.Ours(new_model(), run, device, der)
-        loop.trainer.model.compile()  # in place: the step's own references to the network stay valid
-        start = time.perf_counter()
-        bench.timed_steps(loop, xb, yb, torch.Generator(device=device).manual_seed(0), 3)
-        record(f"compile.pgd{'.der' if der else ''}.b{batches[0]}.warmup_seconds", time.perf_counter() - start)
-        record(f"compile.pgd{'.der' if der else ''}.b{batches[0]}.bf16", bench.throughput(loop, xb, yb, seconds))
+    compiled(record, new_model, run, device, xb, yb, seconds, begin, args.compile_deadline)
     return 0
 
 

@@ -43,3 +43,22 @@ def test_der_gains_refuse_flags_of_another_test_split():
     flags["fgsmder0", "fgsm", "der"] = {"test_sha256": "abc", "last.pgd50": "11100"}  # another count of its images
     with pytest.raises(UserError, match=r"\(pgd50: the first 4 vs the first 5\)"):
         co_study.der_gains(cells, "pgd50_acc", flags)
+
+
+def test_markdown_puts_methods_in_rows_and_eps_in_columns():
+    def cell(label, eps, n, pgd, co):
+        return {"label": label, "eps": eps, "n": n, "co_at_end": co, "diverged": 0, "seeds": [{"seed": 0}],
+                "stats": {"pgd50_acc": {"mean": pgd, "std": 0.01 if n > 1 else None, "n": n},
+                          "clean_acc": {"mean": 0.8, "std": 0.02, "n": n}}}
+    setting = {"title": "mnist", "label": "", "pgd": "pgd50_acc", "eps": [0.1, 8 / 255], "rows": ["FGSM", "FGSM + DER"],
+               "cells": [cell("FGSM", 0.1, 3, 0.0, 3), cell("FGSM + DER", 0.1, 3, 0.25, 1),
+                         cell("FGSM + DER", 8 / 255, 1, 0.5, 0)]}
+    lines = co_study.markdown({"settings": [setting]}).splitlines()
+    pgd = lines.index("**PGD-50 accuracy (%)**")
+    assert lines[pgd + 2:pgd + 6] == ["| Method | ε = 0.1 | ε = 8/255 |", "|---|---:|---:|",
+                                      "| FGSM | 0.0 ± 1.0 | – |", "| FGSM + DER | 25.0 ± 1.0 | 50.0 (n=1) |"]
+    assert "**AutoAttack accuracy (%)**" in lines and "**Worst-case accuracy (%)**" not in lines  # no cell has it
+    collapsed = lines.index("**Collapsed seeds** (catastrophic overfitting at the end · diverged at some epoch)")
+    assert lines[collapsed + 4:collapsed + 6] == ["| FGSM | CO 3/3 · div 0/3 | – |",
+                                                  "| FGSM + DER | CO 1/3 · div 0/3 | CO 0/1 · div 0/1 |"]
+    assert not any(line.startswith("## ") for line in lines)  # one setting, no label: no heading

@@ -54,21 +54,9 @@ OWN_ARGUMENTS = ("block", "preset", "remote")  # stages that declare their own a
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="energyat", description=__doc__.split("\n\n")[0], epilog=EPILOG)
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    parser.add_argument("--nproc", type=_nproc, default="auto",
-                        help=f"ranks for {', '.join(DISTRIBUTED)} (default auto: params distributed.nproc, for "
-                             "evaluate / analyze distributed.eval_nproc)")
-    sub = parser.add_subparsers(dest="stage", required=True, metavar="stage", title="stages")
-    for name, (module_name, args, about) in STAGES.items():
-        p = sub.add_parser(name, help=about, description=about)
-        if name in OWN_ARGUMENTS:
-            importlib.import_module(f"energyat.{module_name}").add_arguments(p)
-        for arg in args:
-            p.add_argument(arg.rstrip("."), **ARGUMENTS[arg])
+    parser = _parser()
     argv = sys.argv[1:] if argv is None else argv
     ns = parser.parse_args(argv)
-    from . import params as params_mod
     from .infra import distributed
 
     rank = f" (rank {os.environ['RANK']})" if distributed.launched() else ""
@@ -76,22 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if launched_here:
         _die_with_launcher()
     try:
-        if ns.stage in OWN_ARGUMENTS:  # these build their params themselves (a block: preset + its overrides)
-            module = importlib.import_module(f"energyat.{STAGES[ns.stage][0]}")
-            module.run(None, ns)
-            return 0
-        params = params_mod.load(ns.params)
-        if ns.stage in DISTRIBUTED and not distributed.launched():
-            from .infra.runtime import device_type
-
-            kind = device_type(params.device)
-            nproc = params.stage_nproc(ns.stage, kind) if ns.nproc == "auto" else ns.nproc
-            distributed.check_nproc(nproc, kind, params.nproc_key(ns.stage))  # --nproc stands in for that param
-            if nproc > 1:
-                _check_args(params, ns)  # once here: every rank would fail alike, and race to say so
-                return _launch(ns.stage, nproc, params.threads, argv)
-        module = importlib.import_module(f"energyat.{STAGES[ns.stage][0]}")
-        module.run(params, *[getattr(ns, a.strip("-.").replace("-", "_")) for a in STAGES[ns.stage][1]])
+        return _run_stage(ns, argv)
     except UserError as exc:
         if launched_here:
             _record(exc)
@@ -108,6 +81,46 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         distributed.shutdown()  # a rank that exits with its process group alive can abort in gloo's teardown
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The command line: the global options, then one subcommand per stage of STAGES."""
+    parser = argparse.ArgumentParser(prog="energyat", description=__doc__.split("\n\n")[0], epilog=EPILOG)
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--nproc", type=_nproc, default="auto",
+                        help=f"ranks for {', '.join(DISTRIBUTED)} (default auto: params distributed.nproc, for "
+                             "evaluate / analyze distributed.eval_nproc)")
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="stage", title="stages")
+    for name, (module_name, args, about) in STAGES.items():
+        p = sub.add_parser(name, help=about, description=about)
+        if name in OWN_ARGUMENTS:
+            importlib.import_module(f"energyat.{module_name}").add_arguments(p)
+        for arg in args:
+            p.add_argument(arg.rstrip("."), **ARGUMENTS[arg])
+    return parser
+
+
+def _run_stage(ns: argparse.Namespace, argv: list[str]) -> int:
+    """Run the stage in this process, or launch it on several local ranks (`--nproc`); its exit status."""
+    from . import params as params_mod
+    from .infra import distributed
+
+    if ns.stage in OWN_ARGUMENTS:  # these build their params themselves (a block: preset + its overrides)
+        module = importlib.import_module(f"energyat.{STAGES[ns.stage][0]}")
+        module.run(None, ns)
+        return 0
+    params = params_mod.load(ns.params)
+    if ns.stage in DISTRIBUTED and not distributed.launched():
+        from .infra.runtime import device_type
+
+        kind = device_type(params.device)
+        nproc = params.stage_nproc(ns.stage, kind) if ns.nproc == "auto" else ns.nproc
+        distributed.check_nproc(nproc, kind, params.nproc_key(ns.stage))  # --nproc stands in for that param
+        if nproc > 1:
+            _check_args(params, ns)  # once here: every rank would fail alike, and race to say so
+            return _launch(ns.stage, nproc, params.threads, argv)
+    module = importlib.import_module(f"energyat.{STAGES[ns.stage][0]}")
+    module.run(params, *[getattr(ns, a.strip("-.").replace("-", "_")) for a in STAGES[ns.stage][1]])
     return 0
 
 

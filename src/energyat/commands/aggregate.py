@@ -139,12 +139,46 @@ def _run_files(groups: list[seeds.Group], folders: dict[str, Path], kept: str, s
     return out
 
 
+def _log_notes(notes: list[str]) -> None:
+    for note in notes:
+        log(f"aggregate: {note}")
+
+
+def _co_study(exps: list[seeds.Experiment], folders: dict[str, Path]) -> None:
+    """metrics/co_study.{json,md} from `exps` (and the cells kept as aggregates only)."""
+    groups, notes = seeds.group(exps, min_members=1, keep_older=True)
+    _log_notes(notes)
+    flags = _run_files(groups, folders, "eval/{run}.{variant}.flags.json", FLAGS, read_json, "co")  # McNemar
+    study = co_study.study(groups, flags)
+    if CO_AGGREGATES_ONLY.is_file():
+        study = co_study.with_aggregates_only(study, read_json(CO_AGGREGATES_ONLY))
+    write_json("metrics/co_study.json", study)
+    write_text("metrics/co_study.md", co_study.markdown(study))
+    cells = sum(len(s["cells"]) for s in study["settings"])
+    log(f"aggregate: co study: {len(study['settings'])} setting(s), {cells} cells -> metrics/co_study.md")
+
+
+def _seeds(groups: list[seeds.Group], everything: list[seeds.Experiment], folders: dict[str, Path]) -> None:
+    """metrics/seeds.{json,md} of `groups`, with the flags of the experiments among `everything` that re-evaluate
+    their models (e.g. AutoAttack on the last checkpoints) joined to theirs."""
+    reevaluations = {r.rev: r for g in groups for m in g.members for r in reevaluation.of(m, everything)}
+    flags = _run_files([*groups, *(seeds.Group((r,)) for r in reevaluations.values())], folders,
+                       "eval/{run}.{variant}.flags.json", FLAGS, read_json)  # for McNemar and the worst cases
+    flags, joined, notes = reevaluation.with_reevaluations(groups, list(reevaluations.values()), flags)
+    _log_notes(notes)
+    histories = _run_files(groups, folders, "history/{run}.{variant}.tsv", HISTORY, read_tsv)
+    rep = seeds.report(groups, flags, histories, joined)
+    write_json("metrics/seeds.json", rep)
+    write_text("metrics/seeds.md", seeds.markdown(rep))
+    log(f"aggregate: {len(groups)} group(s) of seeds "
+        f"({'; '.join(str(len(g.members)) + ' seeds' for g in groups) or 'none'}) -> metrics/seeds.md")
+
+
 def run(params: Params, names: list[str], co: bool = False, export: str = "") -> None:
     head = _git("rev-parse", "HEAD")
     live, notes = seeds.experiments(_exp_show(), head.stdout.strip() if head.returncode == 0 else None,
                                         files=_stage_files)
-    for note in notes:
-        log(f"aggregate: {note}")
+    _log_notes(notes)
     if export:
         _export(export, seeds.select(live, names) if names else live)
         return
@@ -162,34 +196,8 @@ def run(params: Params, names: list[str], co: bool = False, export: str = "") ->
                 raise
             exps = []  # only cells kept without evidence: the table is theirs alone
     if co:
-        groups, notes = seeds.group(exps, min_members=1, keep_older=True)
-        for note in notes:
-            log(f"aggregate: {note}")
-        flags = _run_files(groups, folders, "eval/{run}.{variant}.flags.json", FLAGS, read_json, "co")  # McNemar
-        study = co_study.study(groups, flags)
-        if CO_AGGREGATES_ONLY.is_file():
-            study = co_study.with_aggregates_only(study, read_json(CO_AGGREGATES_ONLY))
-        write_json("metrics/co_study.json", study)
-        write_text("metrics/co_study.md", co_study.markdown(study))
-        cells = sum(len(s["cells"]) for s in study["settings"])
-        log(f"aggregate: co study: {len(study['settings'])} setting(s), {cells} cells -> metrics/co_study.md")
+        _co_study(exps, folders)
         return
-    if names:
-        groups, notes = [seeds.pool(exps)], []
-    else:
-        groups, notes = seeds.group(exps)
-    for note in notes:
-        log(f"aggregate: {note}")
-    # experiments that attack the groups' models again (e.g. AutoAttack on the last checkpoints): their flags join
-    reevaluations = {r.rev: r for g in groups for m in g.members for r in reevaluation.of(m, everything)}
-    flags = _run_files([*groups, *(seeds.Group((r,)) for r in reevaluations.values())], folders,
-                       "eval/{run}.{variant}.flags.json", FLAGS, read_json)  # for McNemar and the worst cases
-    flags, joined, notes = reevaluation.with_reevaluations(groups, list(reevaluations.values()), flags)
-    for note in notes:
-        log(f"aggregate: {note}")
-    histories = _run_files(groups, folders, "history/{run}.{variant}.tsv", HISTORY, read_tsv)
-    rep = seeds.report(groups, flags, histories, joined)
-    write_json("metrics/seeds.json", rep)
-    write_text("metrics/seeds.md", seeds.markdown(rep))
-    log(f"aggregate: {len(groups)} group(s) of seeds "
-        f"({'; '.join(str(len(g.members)) + ' seeds' for g in groups) or 'none'}) -> metrics/seeds.md")
+    groups, notes = ([seeds.pool(exps)], []) if names else seeds.group(exps)
+    _log_notes(notes)
+    _seeds(groups, everything, folders)

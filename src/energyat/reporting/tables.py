@@ -233,15 +233,16 @@ def _images(evals: dict, runs: list[str], pgd: str) -> str:
     name = f"PGD-{pgd[3:-4]}"
     text = f"clean and PGD on the first {n} test images"
     if n_apgd and n_aa:
-        text += (f"; {name} + APGD on the first {n_apgd} of them (an image counts when it is classified correctly clean "
-                 f"and under every PGD and APGD-CE + APGD-T); AA (standard AutoAttack) on the first {n_aa}; worst case "
-                 f"on those {n_aa}, AutoAttack's images: correct clean and under every PGD, APGD-CE + APGD-T and AA")
+        text += (f"; {name} + APGD on the first {n_apgd} of them (an image counts when it is classified correctly "
+                 f"clean and under every PGD and APGD-CE + APGD-T); AA (standard AutoAttack) on the first {n_aa}; "
+                 f"worst case on those {n_aa}, AutoAttack's images: correct clean and under every PGD, APGD-CE + "
+                 "APGD-T and AA")
     elif n_apgd:
-        text += (f"; AA not run; worst case on the first {n_apgd}, APGD's images: correct clean and under every PGD and "
-                 "APGD-CE + APGD-T")
+        text += (f"; AA not run; worst case on the first {n_apgd}, APGD's images: correct clean and under every PGD "
+                 "and APGD-CE + APGD-T")
     elif n_aa:
-        text += (f"; AA (standard AutoAttack) on the first {n_aa} of them; worst case on those {n_aa}: correct clean and "
-                 "under every PGD and AA")
+        text += (f"; AA (standard AutoAttack) on the first {n_aa} of them; worst case on those {n_aa}: correct clean "
+                 "and under every PGD and AA")
     else:
         text += "; AA not run; worst case not run (no APGD, no AA)"
     return text
@@ -252,9 +253,9 @@ def _footnote(evals: dict, runs: list[str], pgd: str, checkpoints: str, warned: 
     AutoAttack warning mark."""
     starts = _first(evals, runs, "restarts")
     text = (f"\n\nAccuracy (%) with its Wilson 95 % interval: {_images(evals, runs, pgd)}; {checkpoints}; PGD with "
-            f"{starts} random start{'' if starts == 1 else 's'}. Differences (Δ rows) in percentage points on the same "
-            "images: Newcombe's paired score 95 % interval and exact McNemar p-value, Holm-adjusted over the table's "
-            f"{tests} Δ cells in brackets.")
+            f"{starts} random start{'' if starts == 1 else 's'}. Differences (Δ rows) in percentage points on the "
+            "same images: Newcombe's paired score 95 % interval and exact McNemar p-value, Holm-adjusted over the "
+            f"table's {tests} Δ cells in brackets.")
     if warned:
         text += (f" {WARNED}: AutoAttack's own checks raised warnings for this checkpoint (e.g. Square broke points "
                  "the gradient attacks missed: the number may overstate robustness); see "
@@ -298,11 +299,12 @@ def ro_table(methods: dict[str, str], evals: dict[tuple[str, str], dict], flags:
             for ck in checkpoints:
                 acc = accs[run, variant, ck]
                 warned = warned or bool(acc.get("aa_warnings"))
-                lines.append(f"| {label} | {e.get('eps', 0):g} | {ck} | " + " | ".join(_cell(acc, m) for m in metrics)
-                             + " |")
+                lines.append(f"| {label} | {e.get('eps', 0):g} | {ck} | "
+                             + " | ".join(_cell(acc, m) for m in metrics) + " |")
             if checkpoints == ("best", "last"):
                 d = diffs[f"ro.{run}.{variant}.best_minus_last"]
-                lines.append(f"| {label} | | Δ best − last | " + " | ".join(_diff_cell(d, m) for m in metrics) + " |")
+                lines.append(f"| {label} | | Δ best − last | " + " | ".join(_diff_cell(d, m) for m in metrics)
+                             + " |")
         for ck in checkpoints:
             d = diffs[f"ro.{run}.der_gain.{ck}"]
             lines.append(f"| Δ DER − base | | {ck} | " + " | ".join(_diff_cell(d, m) for m in metrics) + " |")
@@ -312,8 +314,8 @@ def ro_table(methods: dict[str, str], evals: dict[tuple[str, str], dict], flags:
         evals, runs, pgd, "best = epoch of highest validation PGD accuracy, last = final epoch", warned, _tests(diffs))
 
 
-def _num(v, fmt: str = "{:.3f}") -> str:
-    return "–" if v is None else fmt.format(v)
+def _num(v) -> str:
+    return "–" if v is None else f"{v:.3f}"
 
 
 def training_table(methods: dict[str, str], trains: dict[tuple[str, str], dict]) -> str:
@@ -331,8 +333,8 @@ def training_table(methods: dict[str, str], trains: dict[tuple[str, str], dict])
             f"| {'epoch ' + str(t['diverged_epoch']) if t.get('diverged') else 'no'} "
             f"| {_num(t.get('robust_overfitting_gap'))} ({_num(t.get('robust_overfitting_gap_smoothed'))}) "
             f"| {_num(t.get('final_dE_x'))} | {_num(t.get('final_dE_xy'))} "
-            f"| {_num(t.get('final_aae_frac'), '{:.3f}')} ({_num(t.get('max_aae_frac'), '{:.3f}')}) |")
-    return "\n".join(lines) + ("\n\nValidation images (`train.n_val`), PGD-`val_steps` with one restart at each run's ε;"
-                               " energies are means over the last epoch's training batches (ΔE = natural − adversarial). Best − last in"
-                               f" brackets: the best {RO_WINDOW}-epoch mean of val PGD minus the last {RO_WINDOW}-epoch mean."
-                               "\n")
+            f"| {_num(t.get('final_aae_frac'))} ({_num(t.get('max_aae_frac'))}) |")
+    return "\n".join(lines) + (
+        "\n\nValidation images (`train.n_val`), PGD-`val_steps` with one restart at each run's ε; energies are means "
+        "over the last epoch's training batches (ΔE = natural − adversarial). Best − last in brackets: the best "
+        f"{RO_WINDOW}-epoch mean of val PGD minus the last {RO_WINDOW}-epoch mean.\n")

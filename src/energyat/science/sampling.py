@@ -171,6 +171,53 @@ def _energy_and_grad(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Te
     return e.detach(), grad
 
 
+@dataclass
+class _Trace:
+    """What `sgld` records of N chains step by step: energies, stop flags, and which chains still move."""
+
+    energies: Tensor  # (steps + 1, N), filled row by row
+    stopped: Tensor  # (steps + 1, N) bool
+    active: Tensor  # (N,) bool: not frozen yet
+    last: Tensor  # (N,) latest energy of every chain (frozen ones: at their stop)
+    target: Tensor | None
+    tau: float | None
+
+    @staticmethod
+    def start(n: int, steps: int, device: torch.device, target: Tensor | None, tau: float | None) -> _Trace:
+        return _Trace(torch.empty(steps + 1, n, device=device),
+                      torch.zeros(steps + 1, n, dtype=torch.bool, device=device),
+                      torch.ones(n, dtype=torch.bool, device=device), torch.zeros(n, device=device), target, tau)
+
+    def running(self) -> Tensor:
+        """Indices of the chains that still move."""
+        return self.active.nonzero().squeeze(1)
+
+    def record(self, t: int, idx: Tensor, e: Tensor) -> Tensor:
+        """Store step t's energies; freeze the chains that reached their target; return who moves on."""
+        self.last[idx] = e
+        self.energies[t] = self.last
+        if self.tau is None:
+            return torch.ones_like(idx, dtype=torch.bool)
+        moving = (e - self.target[idx]).square() >= self.tau
+        self.active[idx[~moving]] = False
+        self.stopped[t] = ~self.active
+        return moving
+
+
+def _langevin_update(x: Tensor, v: Tensor, idx: Tensor, grad: Tensor, *, momentum: float, step_size: float,
+                     noise: float, generator: torch.Generator) -> None:
+    """One SGLD step of chains `idx`, in place: v ← ζ·v − ½·η·∇ₓE, x ← clip(x + v + σ·N(0, I), 0, 1)."""
+    v[idx] = momentum * v[idx] - 0.5 * step_size * grad
+    z = torch.randn((idx.numel(), *x.shape[1:]), generator=generator, device=x.device)
+    x[idx] = (x[idx] + v[idx] + noise * z).clamp(0, 1)
+
+
+def _final_energy(model: nn.Module, x: Tensor, y: Tensor, idx: Tensor, last: Tensor) -> Tensor:
+    """E(x, y) of the chains `idx` after the last step (no gradient needed); `last[idx]` when none moves."""
+    with torch.no_grad(), autocast(x.device):
+        return joint_energy(model(x[idx]).float(), y[idx]) if idx.numel() else last[idx]
+
+
 def sgld(model: nn.Module, x0: Tensor, y: Tensor, *, steps: int, step_size: float, momentum: float, noise: float,
          generator: torch.Generator, target: Tensor | None = None, tau: float | None = None,
          snapshots: tuple[int, ...] = ()) -> Chains:
@@ -186,43 +233,25 @@ def sgld(model: nn.Module, x0: Tensor, y: Tensor, *, steps: int, step_size: floa
         raise ValueError(f"snapshot step counts {snapshots} must lie in 0..{steps}")
     n, device = x0.shape[0], x0.device
     x, v = x0.clone(), torch.zeros_like(x0)
-    active = torch.ones(n, dtype=torch.bool, device=device)
-    last = torch.zeros(n, device=device)  # latest energy of every chain (frozen ones: at their stop)
-    energies = torch.empty(steps + 1, n, device=device)
-    stopped = torch.zeros(steps + 1, n, dtype=torch.bool, device=device)
+    trace = _Trace.start(n, steps, device, target, tau)
     steps_used = torch.zeros(n, dtype=torch.int64, device=device)
     kept: dict[int, Tensor] = {0: x0.clone()} if 0 in snapshots else {}
-
-    def record(t: int, idx: Tensor, e: Tensor) -> Tensor:
-        """Store step t's energies; freeze the chains that reached their target; return who moves on."""
-        last[idx] = e
-        energies[t] = last
-        if tau is None:
-            return torch.ones_like(idx, dtype=torch.bool)
-        moving = (e - target[idx]).square() >= tau
-        active[idx[~moving]] = False
-        stopped[t] = ~active
-        return moving
-
     for t in range(steps):
-        idx = active.nonzero().squeeze(1)
+        idx = trace.running()
         if idx.numel():
             e, grad = _energy_and_grad(model, x[idx], y[idx])
-            moving = record(t, idx, e)
+            moving = trace.record(t, idx, e)
             idx, grad = idx[moving], grad[moving]
-            v[idx] = momentum * v[idx] - 0.5 * step_size * grad
-            z = torch.randn((idx.numel(), *x.shape[1:]), generator=generator, device=device)
-            x[idx] = (x[idx] + v[idx] + noise * z).clamp(0, 1)
+            _langevin_update(x, v, idx, grad, momentum=momentum, step_size=step_size, noise=noise,
+                             generator=generator)
             steps_used[idx] += 1
         else:
-            record(t, idx, last[idx])
+            trace.record(t, idx, trace.last[idx])
         if t + 1 in snapshots:
             kept[t + 1] = x.clone()
-    idx = active.nonzero().squeeze(1)
-    with torch.no_grad(), autocast(device):
-        e = joint_energy(model(x[idx]).float(), y[idx]) if idx.numel() else last[idx]
-    record(steps, idx, e)
-    return Chains(x, energies, stopped, steps_used, kept)
+    idx = trace.running()
+    trace.record(steps, idx, _final_energy(model, x, y, idx, trace.last))
+    return Chains(x, trace.energies, trace.stopped, steps_used, kept)
 
 
 def generate(model: nn.Module, draw: Draw, prior: Any, y: Tensor, shape: tuple[int, ...], *, sigma_pca: float,

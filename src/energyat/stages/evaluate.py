@@ -95,13 +95,10 @@ def strong_attacks(cfg) -> str:
     return "/".join(name for key, name in (("apgd", "APGD"), ("aa", "AutoAttack")) if n[key])
 
 
-def evaluate_model(model, x, y, eps: float, params: Params) -> dict:
-    """Flags, flat metrics and pyautoattack results of one model on (x, y): APGD on the first apgd_examples,
-    AutoAttack on the first aa_examples, the attack check on the first max of the two, the worst cases
-    (`attacked_examples`)."""
+def clean_and_pgd(model, x, y, eps: float, params: Params) -> tuple[dict, dict]:
+    """Flags of the clean images and of each PGD-k, and the seconds each took."""
     cfg = params.evaluate
-    n_att = attacked_examples(cfg)
-    flags, out, seconds, results = {}, {}, {}, {}
+    flags, seconds = {}, {}
     start = time.perf_counter()
     flags["clean"] = robustness.clean_correct(model, x, y, cfg.batch_size)
     seconds["clean"] = time.perf_counter() - start
@@ -110,6 +107,14 @@ def evaluate_model(model, x, y, eps: float, params: Params) -> dict:
         flags[f"pgd{steps}"] = robustness.pgd_correct(model, x, y, eps, steps, cfg.restarts, cfg.batch_size,
                                                       params.seed)
         seconds[f"pgd{steps}"] = time.perf_counter() - start
+    return flags, seconds
+
+
+def apgd_and_autoattack(model, x, y, eps: float, params: Params, n_att: dict[str, int], flags: dict, out: dict,
+                        seconds: dict) -> dict:
+    """Run APGD, then AutoAttack, each on its first images (none: skipped); add their flags, metrics and seconds to
+    `flags`, `out` and `seconds`; return their pyautoattack results."""
+    cfg, results = params.evaluate, {}
     # AutoAttack continues from APGD's blocks over its images when APGD covers them (the same calls, not run twice)
     after_apgd = 0 < n_att["aa"] <= n_att["apgd"]
     attack_runs = {
@@ -134,15 +139,32 @@ def evaluate_model(model, x, y, eps: float, params: Params) -> dict:
             out.update(accuracy_metrics(f"{name}.{attack}_acc", count, n))
         out[f"{name}.warnings"] = result.warnings
         results[name] = result
+    return results
+
+
+def check_and_worst_cases(flags: dict, out: dict, results: dict, n_att: dict[str, int], pgd_steps) -> None:
+    """Where APGD or AutoAttack ran: the attack check's metrics into `out`, the `worst` and `pgd_apgd` flags into
+    `flags` (`attacked_examples`)."""
     if n := n_att["check"]:
         strong = robustness.worst_case({name: flags[name] for name in results}, n)
-        check = attack_check(flags[f"pgd{max(cfg.pgd_steps)}"][:n], strong)
+        check = attack_check(flags[f"pgd{max(pgd_steps)}"][:n], strong)
         out.update({"check.n": check["n"], "check.pgd_missed": check["pgd_missed"],
                     "check.apgd_missed": check["apgd_missed"], "check.p": float(f"{check['p']:.4g}")})
         every = dict(flags)  # clean, each PGD-k, APGD, AutoAttack
         flags["worst"] = robustness.worst_case(every, n_att["worst"])
         if n := n_att["pgd_apgd"]:
             flags["pgd_apgd"] = robustness.worst_case({k: f for k, f in every.items() if k != "aa"}, n)
+
+
+def evaluate_model(model, x, y, eps: float, params: Params) -> dict:
+    """Flags, flat metrics and pyautoattack results of one model on (x, y): APGD on the first apgd_examples,
+    AutoAttack on the first aa_examples, the attack check on the first max of the two, the worst cases
+    (`attacked_examples`)."""
+    n_att = attacked_examples(params.evaluate)
+    flags, seconds = clean_and_pgd(model, x, y, eps, params)
+    out: dict = {}
+    results = apgd_and_autoattack(model, x, y, eps, params, n_att, flags, out, seconds)
+    check_and_worst_cases(flags, out, results, n_att, params.evaluate.pgd_steps)
     for name, f in flags.items():
         out.update(accuracy_metrics(f"{name}_acc", int(f.sum()), len(f)))
     out.update({f"seconds.{k}": round(v, 1) for k, v in seconds.items()})

@@ -9,7 +9,8 @@ row only, since its base model is that earlier run's.
 
 Cells, final checkpoint (`last`) of metrics/eval/<run>.<variant>.json: clean, the strongest PGD, PGD + APGD,
 AutoAttack and worst-case accuracy as mean ± std over seeds, with the test images per seed each counts (`images`;
-the worst cases recomputed from the per-example flags where they were kept, `flags.worst_cases`); and from metrics/train/<run>.<variant>.json how many seeds collapsed:
+the worst cases recomputed from the per-example flags where they were kept, `flags.worst_cases`); and from
+metrics/train/<run>.<variant>.json how many seeds collapsed:
 `co_at_end` (catastrophic overfitting that the final model still shows) and, counted separately, `diverged`
 (validation clean accuracy fell below twice chance at some epoch after having been above it; a run may recover,
 which the clean-accuracy table shows); a seed may be in both. `catastrophic_overfitting` (CO at any epoch, even if
@@ -262,59 +263,77 @@ def _cell(s: dict | None, n_max: int) -> str:
     return txt + (f" (n={s['n']})" if s["n"] < n_max else "")
 
 
+INTRO = ("# Catastrophic overfitting: single-step methods ± DER", "",
+         "Final checkpoint; accuracy (%) mean ± std over seeds (the t-intervals and every seed's values are in "
+         "`metrics/co_study.json`); collapsed: seeds whose final model is in catastrophic overfitting "
+         "(`co_at_end`), and seeds that diverged at some epoch (validation clean accuracy fell below twice chance "
+         "after having been above it; the clean-accuracy table shows whether the final model recovered), of the "
+         "seeds run; PGD + APGD: per image, robust only if it survived PGD with its restarts and APGD-CE + APGD-T, "
+         "on APGD's images; worst case: robust only if it survived every attack run on it (PGD, APGD-CE + APGD-T, "
+         "AutoAttack), on the images every attack ran on (AutoAttack's). Each table names the test images per "
+         "seed it counts. Made by `energyat aggregate --co-study`.", "")
+
+
 def markdown(st: dict) -> str:
     """metrics/co_study.md: per setting, tables PGD / AutoAttack / clean accuracy and collapsed seeds, rows
     method ± DER, columns ε."""
-    lines = ["# Catastrophic overfitting: single-step methods ± DER", "",
-             "Final checkpoint; accuracy (%) mean ± std over seeds (the t-intervals and every seed's values are in "
-             "`metrics/co_study.json`); collapsed: seeds whose final model is in catastrophic overfitting "
-             "(`co_at_end`), and seeds that diverged at some epoch (validation clean accuracy fell below twice chance "
-             "after having been above it; the clean-accuracy table shows whether the final model recovered), of the "
-             "seeds run; PGD + APGD: per image, robust only if it survived PGD with its restarts and APGD-CE + APGD-T, "
-             "on APGD's images; worst case: robust only if it survived every attack run on it (PGD, APGD-CE + APGD-T, "
-             "AutoAttack), on the images every attack ran on (AutoAttack's). Each table names the test images per "
-             "seed it counts. Made by `energyat aggregate --co-study`.", ""]
-    if not st["settings"]:
-        lines.append("No finished experiment with single-step runs.")
-    mixed = any(s.get("evidence") == AGGREGATES_ONLY for s in st["settings"])
-    fresh = any(s.get("evidence") != AGGREGATES_ONLY for s in st["settings"])
-    for s in st["settings"]:
-        legacy = s.get("evidence") == AGGREGATES_ONLY
-        if s["label"] or len(st["settings"]) > 1:
-            where = f" — {AGGREGATES_ONLY}" if legacy else (" — evidence in `metrics/studies/co/`"
-                                                            if mixed else "")
-            lines += [f"## {s['title']}{where}", ""]
-        if s["label"]:
-            lines += [f"Params that set this setting apart: {s['label']}.", ""]
-        if legacy:
-            lines += [f"*{AGGREGATES_ONLY.capitalize()}*: the per-run evidence of these experiments (flags, "
-                      "histories) was not kept; the numbers come from the table they made, "
-                      "`metrics/studies/co/aggregates-only.json`."
-                      + (" Cells re-run since are in the settings above." if fresh else ""), ""]
-        cells = {(c["label"], c["eps"]): c for c in s["cells"]}
-        n_max = max(c["n"] for c in s["cells"])
-        head = "| Method | " + " | ".join(f"ε = {fmt_eps(e)}" for e in s["eps"]) + " |"
-        sep = "|---|" + "---:|" * len(s["eps"])
-        pgd = f"PGD-{s['pgd'][3:-4]}" if s["pgd"] else "PGD"
-        tables = [(pgd, s["pgd"])] if s["pgd"] else []
-        worst = [(title, key) for title, key in ((f"{pgd} + APGD", "pgd_apgd_acc"), ("Worst-case", "worst_acc"))
-                 if any(c["stats"].get(key) for c in s["cells"])]
-        for title, key in [*tables, ("AutoAttack", "aa_acc"), *worst, ("Clean", "clean_acc")]:
-            lines += [f"**{title} accuracy (%)**{_images_note(s['cells'], key)}", "", head, sep]
-            for row in s["rows"]:
-                lines.append(f"| {row} | " + " | ".join(
-                    _cell(cells[row, e]["stats"].get(key) if (row, e) in cells else None, n_max)
-                    for e in s["eps"]) + " |")
-            lines.append("")
-        lines += ["**Collapsed seeds** (catastrophic overfitting at the end · diverged at some epoch)", "", head, sep]
-        for row in s["rows"]:
-            lines.append(f"| {row} | " + " | ".join(
-                f"CO {cells[row, e]['co_at_end']}/{cells[row, e]['n']} · div {cells[row, e]['diverged']}/"
-                f"{cells[row, e]['n']}" if (row, e) in cells else "–" for e in s["eps"]) + " |")
+    settings = st["settings"]
+    lines = [*INTRO] + ([] if settings else ["No finished experiment with single-step runs."])
+    mixed = any(s.get("evidence") == AGGREGATES_ONLY for s in settings)
+    fresh = any(s.get("evidence") != AGGREGATES_ONLY for s in settings)
+    for s in settings:
         seeds = sorted({x["seed"] for c in s["cells"] for x in c["seeds"]})
-        lines += ["", f"Seeds: {', '.join(map(str, seeds))}; (n=k): a cell with fewer seeds than the others.", ""]
-        lines += _gain_lines(s) + _check_lines(s, seeds)
+        lines += [*_heading(s, len(settings) > 1, mixed, fresh), *_accuracy_tables(s), *_collapsed(s), "",
+                  f"Seeds: {', '.join(map(str, seeds))}; (n=k): a cell with fewer seeds than the others.", "",
+                  *_gain_lines(s), *_check_lines(s, seeds)]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _heading(s: dict, several: bool, mixed: bool, fresh: bool) -> list[str]:
+    """A setting's heading (where there is more than one setting or it has a label), the params that set it apart,
+    and for a setting kept as aggregates only, a note saying so. `mixed`: some settings are aggregates only, so the
+    others say where their evidence is; `fresh`: some are not, so the note points at them."""
+    legacy = s.get("evidence") == AGGREGATES_ONLY
+    lines = []
+    if s["label"] or several:
+        where = f" — {AGGREGATES_ONLY}" if legacy else " — evidence in `metrics/studies/co/`" if mixed else ""
+        lines += [f"## {s['title']}{where}", ""]
+    if s["label"]:
+        lines += [f"Params that set this setting apart: {s['label']}.", ""]
+    if legacy:
+        lines += [f"*{AGGREGATES_ONLY.capitalize()}*: the per-run evidence of these experiments (flags, histories) "
+                  "was not kept; the numbers come from the table they made, `metrics/studies/co/aggregates-only.json`."
+                  + (" Cells re-run since are in the settings above." if fresh else ""), ""]
+    return lines
+
+
+def _grid(s: dict, text: dict[tuple[str, float], str]) -> list[str]:
+    """A table of `text` ((row label, ε) -> cell) with the setting's rows and ε columns, `–` where a row has no cell
+    at that ε."""
+    return ["| Method | " + " | ".join(f"ε = {fmt_eps(e)}" for e in s["eps"]) + " |",
+            "|---|" + "---:|" * len(s["eps"]),
+            *(f"| {row} | " + " | ".join(text.get((row, e), "–") for e in s["eps"]) + " |" for row in s["rows"])]
+
+
+def _accuracy_tables(s: dict) -> list[str]:
+    """One table per accuracy: the strongest PGD (where known), AutoAttack, PGD + APGD and the worst case (where some
+    cell has them), clean."""
+    n_max = max(c["n"] for c in s["cells"])
+    pgd = f"PGD-{s['pgd'][3:-4]}" if s["pgd"] else "PGD"
+    worst = [(title, key) for title, key in ((f"{pgd} + APGD", "pgd_apgd_acc"), ("Worst-case", "worst_acc"))
+             if any(c["stats"].get(key) for c in s["cells"])]
+    lines = []
+    for title, key in [*([(pgd, s["pgd"])] if s["pgd"] else []), ("AutoAttack", "aa_acc"), *worst,
+                       ("Clean", "clean_acc")]:
+        text = {(c["label"], c["eps"]): _cell(c["stats"].get(key), n_max) for c in s["cells"]}
+        lines += [f"**{title} accuracy (%)**{_images_note(s['cells'], key)}", "", *_grid(s, text), ""]
+    return lines
+
+
+def _collapsed(s: dict) -> list[str]:
+    """Per cell the seeds in catastrophic overfitting at the end and those that diverged, of the seeds run."""
+    text = {(c["label"], c["eps"]): f"CO {c['co_at_end']}/{c['n']} · div {c['diverged']}/{c['n']}" for c in s["cells"]}
+    return ["**Collapsed seeds** (catastrophic overfitting at the end · diverged at some epoch)", "", *_grid(s, text)]
 
 
 def _images_note(cells: list[dict], key: str) -> str:

@@ -341,30 +341,51 @@ def plan(name: str, gpu: str = "h100", done: tuple[str, ...] = (), window: Windo
             after = next_command(window, before, window.command) if len(commands) < window.commands else 0.0
             decision = starts(need, left, whole, can, after)
             if decision == "run":
-                if done_epochs < len(cost.epochs) or cost.epochs:
-                    what = "train" if done_epochs == 0 else f"train epochs {done_epochs + 1}–{len(cost.epochs)}"
-                    if done_epochs == len(cost.epochs):
-                        what = "resume (trained)"
-                    cmd.parts.append((job, what, cost.train(gpu, done_epochs)))
-                if cost.after(gpu):
-                    cmd.parts.append((job, "evaluate" if cost.epochs else "run", cost.after(gpu)))
+                cmd.parts += _to_the_end(job, cost, gpu, done_epochs)
                 break
             if decision == "part":
-                k = done_epochs
-                while k < len(cost.epochs) and \
-                        GPU_FACTOR[gpu] * (cost.start + sum(cost.epochs[done_epochs:k + 1])) <= left:
-                    k += 1
-                seconds = GPU_FACTOR[gpu] * (cost.start + sum(cost.epochs[done_epochs:k]))
-                cmd.parts.append((job, f"train epochs {done_epochs + 1}–{k}", seconds))
-                done_epochs = k
-                if k == len(cost.epochs):  # trained; its evaluation did not fit this command
-                    left = window.command - cmd.seconds
-                    if cost.after(gpu) + GPU_FACTOR[gpu] * JOB_START <= left:
-                        cmd.parts.append((job, "evaluate", cost.after(gpu)))
-                        break
+                done_epochs, finished = _train_part(cmd, job, cost, gpu, done_epochs, left, window)
+                if finished:
+                    break
             elif len(cmd.parts) == 1:  # not even a fresh command holds it
                 return Plan(name, gpu, commands, False, f"{job}: {need:.0f} s fit no command of {window.command:.0f} s")
             commands.append(Command([("start", "imports (prepared data kept)", COMMAND_RESUME)]))
+    why = _overruns(commands, window)
+    return Plan(name, gpu, commands, not why, "; ".join(why))
+
+
+def _to_the_end(job: str, cost: Cost, gpu: str, done: int) -> list[tuple[str, str, float]]:
+    """The parts of a job that runs to its end in this command: its training after `done` epochs (a finished one is
+    still resumed and checked), then its evaluation or a generation step's work."""
+    parts = []
+    if cost.epochs:
+        if done == len(cost.epochs):
+            what = "resume (trained)"
+        else:
+            what = "train" if done == 0 else f"train epochs {done + 1}–{len(cost.epochs)}"
+        parts.append((job, what, cost.train(gpu, done)))
+    if cost.after(gpu):
+        parts.append((job, "evaluate" if cost.epochs else "run", cost.after(gpu)))
+    return parts
+
+
+def _train_part(cmd: Command, job: str, cost: Cost, gpu: str, done: int, left: float,
+                window: Window) -> tuple[int, bool]:
+    """Train the job's epochs after `done` that fit the command's `left` seconds (the runner stops at its deadline),
+    and evaluate it too where its training ends with room for that; the epochs trained by then, and whether the job
+    is finished."""
+    k = done
+    while k < len(cost.epochs) and GPU_FACTOR[gpu] * (cost.start + sum(cost.epochs[done:k + 1])) <= left:
+        k += 1
+    cmd.parts.append((job, f"train epochs {done + 1}–{k}", GPU_FACTOR[gpu] * (cost.start + sum(cost.epochs[done:k]))))
+    if k == len(cost.epochs) and cost.after(gpu) + GPU_FACTOR[gpu] * JOB_START <= window.command - cmd.seconds:
+        cmd.parts.append((job, "evaluate", cost.after(gpu)))
+        return k, True
+    return k, False
+
+
+def _overruns(commands: list[Command], window: Window) -> list[str]:
+    """How a plan's commands break the window's limits (none: it fits)."""
     total = sum(c.seconds for c in commands)
     why = []
     if len(commands) > window.commands:
@@ -373,7 +394,7 @@ def plan(name: str, gpu: str = "h100", done: tuple[str, ...] = (), window: Windo
         why.append(f"{total / 60:.1f} min of work > {window.work / 60:.1f}")
     if any(c.seconds > window.command for c in commands):
         why.append("a command over its limit")
-    return Plan(name, gpu, commands, not why, "; ".join(why))
+    return why
 
 
 def longest_ro(gpu: str = "h100", window: Window = WINDOW) -> int:
