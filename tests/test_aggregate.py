@@ -644,6 +644,9 @@ def test_a_reevaluation_of_the_last_checkpoints_joins_the_study_flags():
                      "(not the same model or attack)"]
     assert joined_flags["1" * 40, "pgd", "base"]["last.aa"] == "10" and "last.aa" not in joined_flags["3" * 40,
                                                                                                   "pgd", "der"]
+    # only evaluations join: a stored worst case is the other file's, over its own images
+    flags["4" * 40, "pgd", "base"]["last.worst"] = "00"
+    assert "last.worst" not in reevaluation.with_reevaluations([study], again, flags)[0]["1" * 40, "pgd", "base"]
     ro = seeds.report([study], joined_flags, joined=joined)["groups"][0]["robust_overfitting"]["pgd"]
     # seed 2 lacks the DER model's AutoAttack: no AutoAttack or worst-case row; with it joined they appear
     assert set(ro["der_gain_last"]) == {"clean_acc", "pgd50_acc", "pgd_apgd_acc"}

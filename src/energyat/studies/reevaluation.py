@@ -57,13 +57,13 @@ def disagreement(own: dict, other: dict) -> str | None:
 
 
 def join(own: dict, other: dict) -> dict:
-    """`own` with the evaluations of `other` it lacks, per checkpoint both or only `other` evaluated, and their image
-    counts (`aa_n`, `apgd_n`); assumes `disagreement(own, other)` is None."""
+    """`own` with the evaluations of `other` it lacks (clean, PGD-k, APGD, AutoAttack: `flags.components`; stored
+    worst cases are recomputed, never joined), per checkpoint, and their image counts (`aa_n`, `apgd_n`); assumes
+    `disagreement(own, other)` is None."""
     out = dict(own)
-    for key, value in other.items():
-        ck, _, name = key.partition(".")
-        if name and isinstance(value, str) and key not in own and flagfile.vector(other, ck, name) is not None:
-            out[key] = value
+    for ck in _checkpoints(other):
+        for name in flagfile.components(other, ck).keys() - flagfile.components(own, ck).keys():
+            out[f"{ck}.{name}"] = other[f"{ck}.{name}"]
             if f"{name}_n" in other and not own.get(f"{name}_n"):
                 out[f"{name}_n"] = other[f"{name}_n"]
     return out
