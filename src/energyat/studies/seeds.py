@@ -433,10 +433,10 @@ class _RunAccuracies:
 
     def paired(self, va: str, cka: str, vb: str, ckb: str, key: str) -> dict:
         """(vb, ckb) − (va, cka) over seeds (`paired_over_seeds`), McNemar per seed where both flags were kept."""
+        vector = (lambda f, ck, _: flagfile.pgd_apgd(f, ck)) if key == "pgd_apgd_acc" else None
         pairs = [flagfile.pair(fa, cka, fb, ckb, key, (f"{m.name}: {flagfile.PATH.format(run=self.run, variant=va)}",
-                                                       f"{m.name}: {flagfile.PATH.format(run=self.run, variant=vb)}"))
-                 if key != "pgd_apgd_acc" else _pgd_apgd_pair(fa, cka, fb, ckb)
-                 for m, fa, fb in zip(self.members, self.fls[va], self.fls[vb])]
+                                                       f"{m.name}: {flagfile.PATH.format(run=self.run, variant=vb)}"),
+                               vector) for m, fa, fb in zip(self.members, self.fls[va], self.fls[vb])]
         return paired_over_seeds(self.values(va, cka, key), self.values(vb, ckb, key), pairs)
 
     def attack_check(self, v: str, ck: str) -> list[dict] | None:
@@ -447,14 +447,6 @@ class _RunAccuracies:
                ({k: e.get(f"{ck}.check.{k}") for k in keys} if f"{ck}.check.p" in e else None)
                for e, fl in zip(self.evals[v], self.fls[v])]
         return [{k: c[k] for k in keys} for c in out] if all(out) else None
-
-
-def _pgd_apgd_pair(fa: dict | None, cka: str, fb: dict | None, ckb: str) -> tuple | None:
-    """`flags.pgd_apgd` of two files on the same images, as `flags.pair` pairs the other accuracies."""
-    a, b = flagfile.pgd_apgd(fa, cka) if fa else None, flagfile.pgd_apgd(fb, ckb) if fb else None
-    if a is None or b is None or fa.get("test_sha256") != fb.get("test_sha256") or len(a) != len(b):
-        return None
-    return a, b
 
 
 def _ro_run(cfg: dict, pgd: str, acc: _RunAccuracies, hist: dict) -> dict:
