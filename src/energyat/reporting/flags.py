@@ -110,8 +110,9 @@ def attack_check(flag_file: dict | None, checkpoint: str) -> dict | None:
 def pair(file_a: dict | None, ck_a: str, file_b: dict | None, ck_b: str, metric: str,
          names: tuple[str, str] = ("a", "b"), vector=None) -> tuple[list[bool], list[bool]] | None:
     """The two vectors of `metric` (`vector(file, checkpoint, metric)`, default `accuracy_vector`) on the same test
-    images, or None where either file lacks them. Refused (UserError, naming the files as `names`) when they come from different test splits (their
-    `test_sha256`; a file without one cannot be paired) or cover different numbers of its images."""
+    images, or None where either file lacks them. Refused (UserError, naming the files as `names`) when they come
+    from different test splits (their `test_sha256`; a file without one cannot be paired) or cover different numbers
+    of its images."""
     vector = vector or accuracy_vector
     a, b = vector(file_a, ck_a, metric), vector(file_b, ck_b, metric)
     if a is None or b is None:

@@ -384,6 +384,14 @@ def own_flags(fl: dict | None, ev: dict) -> dict | None:
     return fl if same_eps and ev.get("n_examples") in (None, fl.get("n")) else None
 
 
+def _vector(fl: dict | None, checkpoint: str, key: str) -> list[bool] | None:
+    """The per-example flags behind accuracy `key`: for `pgd_apgd_acc` PGD + APGD on APGD's images also where
+    AutoAttack did not run (`flags.pgd_apgd`), else `flags.accuracy_vector`."""
+    if key.removesuffix("_acc") == "pgd_apgd":
+        return flagfile.pgd_apgd(fl, checkpoint)
+    return flagfile.accuracy_vector(fl, checkpoint, key)
+
+
 def accuracy(ev: dict, fl: dict | None, checkpoint: str, key: str) -> tuple[float | None, int | None]:
     """One checkpoint's accuracy `key` and the images it counts. A worst case comes from the per-example flags where
     they were kept (`flags.worst_cases`; `pgd_apgd_acc`: PGD + APGD on APGD's images, `flags.pgd_apgd`, also where
@@ -391,9 +399,7 @@ def accuracy(ev: dict, fl: dict | None, checkpoint: str, key: str) -> tuple[floa
     accuracies from the evaluate JSON, with the image count of their flags where kept, or from the flags alone
     where only they hold it (an evaluation joined from a re-evaluation, `reevaluation`)."""
     name = key.removesuffix("_acc")
-    f = None
-    if fl is not None:
-        f = flagfile.pgd_apgd(fl, checkpoint) if name == "pgd_apgd" else flagfile.accuracy_vector(fl, checkpoint, key)
+    f = _vector(fl, checkpoint, key) if fl is not None else None
     if name in flagfile.WORST_CASES:
         if fl is not None:
             return (sum(f) / len(f), len(f)) if f else (None, None)
@@ -433,10 +439,9 @@ class _RunAccuracies:
 
     def paired(self, va: str, cka: str, vb: str, ckb: str, key: str) -> dict:
         """(vb, ckb) − (va, cka) over seeds (`paired_over_seeds`), McNemar per seed where both flags were kept."""
-        vector = (lambda f, ck, _: flagfile.pgd_apgd(f, ck)) if key == "pgd_apgd_acc" else None
         pairs = [flagfile.pair(fa, cka, fb, ckb, key, (f"{m.name}: {flagfile.PATH.format(run=self.run, variant=va)}",
                                                        f"{m.name}: {flagfile.PATH.format(run=self.run, variant=vb)}"),
-                               vector) for m, fa, fb in zip(self.members, self.fls[va], self.fls[vb])]
+                               _vector) for m, fa, fb in zip(self.members, self.fls[va], self.fls[vb])]
         return paired_over_seeds(self.values(va, cka, key), self.values(vb, ckb, key), pairs)
 
     def attack_check(self, v: str, ck: str) -> list[dict] | None:
